@@ -1,0 +1,281 @@
+"""``dreamcord`` — the command line: a stable contract that other tools and tests call.
+
+Bad input exits with code 2 and one sentence on stderr (with ``--json``, also ``{"error": ...}`` on
+stdout). ``bot.py`` adds the ``run`` command, which is the only one that needs discord.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from storage.errors import BotError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class UsageError(BotError):
+    """Bad command-line usage (argparse's own errors are turned into this)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one sentence and exit code 2, like every other bad input
+        raise UsageError(f"{message[0].upper()}{message[1:]}; see `{self.prog} --help`.")
+
+
+def _add_generate(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="")
+    p.add_argument("--model", default=None, help="a model name from `dreamcord models list`")
+    p.add_argument("--width", type=int, default=0, help="pixels, a multiple of 8 (default: the model's size)")
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale, 0-30")
+    p.add_argument("--sampler", default="DPM++ 2M Karras", help="a webui sampler name, e.g. 'Euler a'")
+    p.add_argument("--seed", type=int, default=-1, help="-1 for a random seed (always recorded)")
+    p.add_argument("--batch", type=int, default=1, help="images, 1-4")
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs (default ./out)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_generate)
+
+
+def build_parser(extra: dict[str, tuple[str, Command]] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="dreamcord", description="Stable Diffusion for Discord: the command line.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_generate(sub)
+
+    p = sub.add_parser("pnginfo", help="show the generation parameters stored in an image")
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_pnginfo)
+
+    models = sub.add_parser("models", help="the models this bot can use")
+    models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    p = models_sub.add_parser("list", help="list models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_models_list)
+
+    tiny = sub.add_parser("tiny-model", help="the built-in offline models")
+    tiny_sub = tiny.add_subparsers(dest="tiny_command", required=True, parser_class=_Parser)
+    p = tiny_sub.add_parser("build", help="build the tiny model family (deterministic, offline)")
+    p.add_argument("--dir", type=Path, default=None, help="default: <data_dir>/tiny-models")
+    p.set_defaults(func=_cmd_tiny_build)
+
+    p = sub.add_parser("demo", help="generate one image per mode and write out/index.html")
+    p.add_argument("--out", type=Path, default=Path("out"))
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="engine overhead vs the bare diffusers call, as JSON")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sizes", default="64,256", help="comma-separated square sizes")
+    p.add_argument("--json", action="store_true", help="(always JSON; accepted for symmetry)")
+    p.set_defaults(func=_cmd_bench)
+
+    for name, (help_text, func) in (extra or {}).items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=func)
+    return parser
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, drawn only on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pipelines.engine import Engine
+    from pipelines.jobs import JobSpec
+    from pipelines.settings import load_settings
+
+    spec = JobSpec(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        model=args.model,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        cfg=args.cfg,
+        sampler=args.sampler,
+        seed=args.seed,
+        batch=args.batch,
+        clip_skip=args.clip_skip,
+    )
+
+    async def go() -> dict[str, Any]:
+        async with Engine(load_settings()) as engine:
+            engine.prepare(spec)  # bad input fails here, before any notice or work
+            if args.model is None and engine.registry.using_builtin_default:
+                print("No model is configured; using the built-in tiny-sd15 model.", file=sys.stderr)
+            progress = _ProgressBar(sys.stderr.isatty() and not args.json)
+            result = await engine.generate(spec, on_step=progress)
+        args.out.mkdir(parents=True, exist_ok=True)
+        images = []
+        for image in result.images:
+            target = args.out / f"job{result.job_id}-{image.index}-{image.seed}.png"
+            shutil.copyfile(image.path, target)
+            images.append(
+                {"path": str(target), "seed": image.seed, "width": image.width, "height": image.height}
+            )
+        return {
+            "job": {"id": result.job_id, **result.spec.to_dict()},
+            "images": images,
+            "seconds": result.seconds,
+        }
+
+    payload = asyncio.run(go())
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        for image in payload["images"]:
+            print(f"{image['path']}  seed {image['seed']}  {image['width']}x{image['height']}")
+    return 0
+
+
+def _cmd_pnginfo(args: argparse.Namespace) -> int:
+    from pipelines.pnginfo import read_info
+
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"Cannot read {args.file}: {exc.strerror or exc}.") from exc
+    info = read_info(data)
+    payload = {
+        "tool": info.tool,
+        "prompt": info.prompt,
+        "negative_prompt": info.negative_prompt,
+        "parameters": info.parameters,
+    }
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False))
+    elif info.tool is None:
+        print("No generation parameters found in this image.")
+    else:
+        print(f"Made with {info.tool}")
+        print(info.raw)
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from models.registry import ModelRegistry
+    from pipelines.settings import load_settings
+
+    settings = load_settings()
+    registry = ModelRegistry(
+        builtin_dir=settings.tiny_models_dir,
+        models_root=settings.models_root,
+        extra=settings.models,
+        default_model=settings.default_model,
+    )
+    rows = [
+        {
+            "name": e.name,
+            "family": str(e.family) if e.family else None,
+            "source": str(e.kind),
+            "location": e.location,
+            "default": e.name == registry.default_name,
+        }
+        for e in registry.list()
+    ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            mark = "*" if row["default"] else " "
+            print(f"{mark} {row['name']:<24} {row['family'] or '?':<6} {row['source']:<12} {row['location']}")
+    return 0
+
+
+def _cmd_tiny_build(args: argparse.Namespace) -> int:
+    from models.tiny import ensure_tiny_models
+    from pipelines.settings import load_settings
+
+    root = args.dir or load_settings().tiny_models_dir
+    ensure_tiny_models(root)
+    print(f"Tiny models ready in {root}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+    from pipelines.settings import load_settings
+
+    index = asyncio.run(run_demo(load_settings(), args.out))
+    print(f"Gallery written to {index}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipelines.bench import run_bench
+    from pipelines.settings import load_settings
+
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    report = asyncio.run(run_bench(load_settings(), sizes=sizes, repeats=args.repeats))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    return "--json" in argv
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter off the terminal without importing them (commands that need no model stay fast)."""
+    for key, value in (
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def main(argv: Sequence[str] | None = None, extra: dict[str, tuple[str, Command]] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(extra).parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        _quiet_libraries()
+        code: int = args.func(args)
+        return code
+    except BotError as exc:
+        message = str(exc)
+        print(message, file=sys.stderr)
+        if _wants_json(argv):
+            print(json.dumps({"error": message}))
+        return 2

@@ -1,0 +1,86 @@
+"""Settings, from environment variables (``DREAMCORD_*``) and an optional TOML file.
+
+Precedence, highest first: keyword arguments, environment variables, the TOML file named by
+``DREAMCORD_CONFIG`` (default ``./dreamcord.toml`` when it exists), the defaults below.
+Every default is embedded: with no settings at all the bot uses ``./data`` and the built-in tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["Settings", "load_settings"]
+
+CONFIG_ENV = "DREAMCORD_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Everything an admin can set. Env var names are the field names upper-cased with ``DREAMCORD_``."""
+
+    model_config = SettingsConfigDict(env_prefix="DREAMCORD_", extra="forbid", env_nested_delimiter="__")
+
+    data_dir: Path = Field(Path("data"), description="Database, file store and built-in models live here.")
+    database_url: str | None = Field(
+        None, description="Any SQLAlchemy async URL; default: SQLite in data_dir."
+    )
+    models_root: Path | None = Field(
+        None,
+        description="An AUTOMATIC1111 install (or the same layout): models/Stable-diffusion, models/Lora, ...",
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra models: name -> diffusers folder, .safetensors file or hub id.",
+    )
+    builtin_models_dir: Path | None = Field(
+        None, description="Where the built-in models are built and cached; default: data_dir/tiny-models."
+    )
+    default_model: str | None = Field(None, description="Model used when a request names none.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    pipeline_cache_mb: int = Field(12_000, ge=0, description="Memory budget for loaded pipelines.")
+    discord_token: SecretStr | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get(CONFIG_ENV, "dreamcord.toml"))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'dreamcord.db').resolve()}"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def tiny_models_dir(self) -> Path:
+        return self.builtin_models_dir or self.data_dir / "tiny-models"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment and the TOML file, with ``overrides`` on top."""
+    return Settings(**overrides)

@@ -1,0 +1,145 @@
+"""txt2img through the engine on the tiny models: storage, determinism, batches, samplers, bad input."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from pipelines.engine import Engine
+from pipelines.jobs import JobSpec
+from pipelines.samplers import SAMPLERS
+from pipelines.settings import Settings
+from pipelines.text_to_image import generate_arrays
+from storage.errors import InvalidRequestError, NotFoundError
+from storage.tables import Image as ImageRow
+from storage.tables import Job
+
+SMALL = {"width": 64, "height": 64, "steps": 4}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_models: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> Engine:
+    async with Engine(settings) as eng:
+        yield eng
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+async def _count(engine: Engine, model: type) -> int:
+    async with engine.db.sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+async def test_txt2img_is_stored_with_webui_parameters(engine: Engine, model: str, no_network: None) -> None:
+    result = await engine.generate(JobSpec(prompt="a red circle", model=model, seed=1234, **SMALL))
+    assert len(result.images) == 1
+    image = result.images[0]
+    with Image.open(io.BytesIO(image.path.read_bytes())) as png:
+        png.load()
+    assert png.size == (64, 64) and png.mode == "RGB"
+    params = png.info["parameters"]
+    assert params.startswith("a red circle\n")
+    assert "Seed: 1234" in params and "Size: 64x64" in params and f"Model: {model}" in params
+    assert image.path.name == image.sha256
+    async with engine.db.sessions() as session:
+        job = await session.get(Job, result.job_id)
+        assert job is not None and job.status == "done" and job.attempts == 1
+        assert job.spec["prompt"] == "a red circle" and job.spec["seed"] == 1234 and job.spec["model"] == model
+        rows = (await session.scalars(select(ImageRow).where(ImageRow.job_id == result.job_id))).all()
+        assert [(r.seed, r.sha256, r.width) for r in rows] == [(1234, image.sha256, 64)]
+
+
+async def test_default_model_size_and_random_seed_are_recorded(engine: Engine) -> None:
+    spec = engine.prepare(JobSpec(prompt="x"))
+    assert spec.model == "tiny-sd15" and (spec.width, spec.height) == (512, 512)
+    assert 0 <= spec.seed < 2**32
+    xl = engine.prepare(JobSpec(prompt="x", model="TINY-SDXL"))
+    assert xl.model == "tiny-sdxl" and xl.width == 1024
+
+
+async def test_same_seed_same_image_other_seed_other_image(engine: Engine) -> None:
+    spec = engine.prepare(JobSpec(prompt="a blue star", seed=7, **SMALL))
+    model = engine.cache.get(spec.model)
+    first = generate_arrays(model, spec)
+    again = generate_arrays(model, spec)
+    other = generate_arrays(model, engine.prepare(JobSpec(prompt="a blue star", seed=8, **SMALL)))
+    np.testing.assert_allclose(first, again, atol=1e-5, rtol=0)
+    assert np.abs(first - other).max() > 1e-2
+
+
+@pytest.mark.parametrize("model_name", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE", "DPM++ 2M Karras"])
+async def test_batch_equals_single_runs(engine: Engine, model_name: str, sampler: str) -> None:
+    base = JobSpec(prompt="a green square", model=model_name, sampler=sampler, seed=100, **SMALL)
+    model = engine.cache.get(model_name)
+    batch = generate_arrays(model, engine.prepare(JobSpec(**{**base.to_dict(), "batch": 3})))
+    singles = [generate_arrays(model, engine.prepare(JobSpec(**{**base.to_dict(), "seed": s}))) for s in (100, 101, 102)]
+    assert batch.shape == (3, 64, 64, 3)
+    for i, single in enumerate(singles):
+        np.testing.assert_allclose(batch[i], single[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+async def test_every_sampler_generates(engine: Engine, sampler: str) -> None:
+    spec = engine.prepare(JobSpec(prompt="a yellow ring", sampler=sampler, seed=3, **SMALL))
+    arrays = generate_arrays(engine.cache.get(spec.model), spec)
+    assert arrays.shape == (1, 64, 64, 3)
+    assert np.isfinite(arrays).all() and arrays.std() > 0
+
+
+async def test_progress_hook_sees_every_step(engine: Engine) -> None:
+    seen: list[tuple[int, int]] = []
+    await engine.generate(JobSpec(prompt="x", seed=1, **SMALL), on_step=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"width": 65}, InvalidRequestError),
+        ({"steps": 0}, InvalidRequestError),
+        ({"steps": 10_000}, InvalidRequestError),
+        ({"sampler": "nope"}, InvalidRequestError),
+        ({"batch": 9}, InvalidRequestError),
+        ({"prompt": ""}, InvalidRequestError),
+        ({"model": "no-such-model"}, NotFoundError),
+    ],
+)
+async def test_bad_input_stores_nothing(engine: Engine, change: dict[str, object], error: type) -> None:
+    spec = JobSpec(**{**JobSpec(prompt="x", **SMALL).to_dict(), **change})
+    with pytest.raises(error):
+        await engine.generate(spec)
+    assert await _count(engine, Job) == 0
+    assert await _count(engine, ImageRow) == 0
+    assert not list(engine.files.iter_hashes())
+
+
+async def test_runner_failure_marks_the_job_failed(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("pipelines.engine.run_text_to_image", explode)
+    with pytest.raises(RuntimeError):
+        await engine.generate(JobSpec(prompt="x", seed=1, **SMALL))
+    async with engine.db.sessions() as session:
+        job = (await session.scalars(select(Job))).one()
+    assert job.status == "failed" and job.error and "boom" not in job.error
+    assert await _count(engine, ImageRow) == 0
