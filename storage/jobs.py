@@ -1,0 +1,262 @@
+"""Jobs and their images: create, move through the states, read back.
+
+Transaction convention (the same in every ``storage`` module): functions take an
+:class:`~sqlalchemy.ext.asyncio.AsyncSession` first, ``flush()`` their changes and never commit;
+the caller owns the transaction::
+
+    async with db.sessions.begin() as session:   # commits on success, rolls back on error
+        job = await create_job(session, kind="txt2img", spec=spec.model_dump(mode="json"))
+
+States: ``queued -> running -> done | failed | cancelled``; a queued job may also be failed or
+cancelled directly, and :func:`requeue_running` puts jobs a crash left running back in the queue.
+A job finishes exactly once: finishing a finished job (or completing one that never ran) raises
+``ValueError``, a bug in the caller, not a user error. Each transition is one conditional
+``UPDATE ... WHERE status IN (...)``, so two workers cannot both take or finish the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.errors import NotFoundError
+from storage.tables import Image, Job, JobStatus, utcnow
+
+__all__ = [
+    "NewImage",
+    "count_jobs",
+    "create_job",
+    "get_job",
+    "list_images",
+    "list_jobs",
+    "mark_cancelled",
+    "mark_done",
+    "mark_failed",
+    "mark_running",
+    "require_job",
+    "requeue_running",
+]
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_SEED = 2**63 - 1
+_KIND_LENGTH = 32
+_UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass(frozen=True, slots=True)
+class NewImage:
+    """One finished image of a job, as :func:`mark_done` records it (the PNG is in the file store)."""
+
+    index: int
+    seed: int
+    sha256: str
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.index < 0:
+            raise ValueError(f"image index must be >= 0, got {self.index}")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
+        if not _SHA256.fullmatch(self.sha256):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"image size must be positive, got {self.width}x{self.height}")
+
+
+async def create_job(
+    session: AsyncSession,
+    *,
+    kind: str,
+    spec: dict[str, Any],
+    user_id: int | None = None,
+    guild_id: int | None = None,
+    channel_id: int | None = None,
+) -> Job:
+    """Add a queued job and flush it (so ``job.id`` is set).
+
+    Args:
+        kind: What the job does (``"txt2img"``, ...), at most 32 characters.
+        spec: The request as JSON-ready data; stored as given.
+        user_id: The Discord user, or None for jobs without one (the CLI).
+    """
+    if not kind or len(kind) > _KIND_LENGTH:
+        raise ValueError(f"job kind must be 1..{_KIND_LENGTH} characters, got {kind!r}")
+    job = Job(
+        kind=kind,
+        spec=dict(spec),
+        user_id=user_id,
+        guild_id=guild_id,
+        channel_id=channel_id,
+        status=JobStatus.QUEUED,
+        attempts=0,
+    )
+    session.add(job)
+    await session.flush()
+    log.debug("created job %d (%s)", job.id, kind)
+    return job
+
+
+async def get_job(session: AsyncSession, job_id: int) -> Job | None:
+    """The job, or None."""
+    return await session.get(Job, job_id)
+
+
+async def require_job(session: AsyncSession, job_id: int) -> Job:
+    """The job; raises :class:`NotFoundError` if there is none."""
+    job = await session.get(Job, job_id)
+    if job is None:
+        raise NotFoundError(f"There is no job {job_id}.")
+    return job
+
+
+async def _transition(
+    session: AsyncSession,
+    job_id: int,
+    allowed: Collection[JobStatus],
+    target: JobStatus,
+    **values: Any,
+) -> Job:
+    """Move a job to ``target`` if its status is one of ``allowed``; return it reloaded."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(list(allowed)))
+        .values(status=target, **values)
+        .execution_options(synchronize_session=False)
+    )
+    result = cast(CursorResult[Any], await session.execute(stmt))
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise NotFoundError(f"There is no job {job_id}.")
+    if result.rowcount != 1:
+        raise ValueError(f"job {job_id} is {job.status.value}; it cannot become {target.value}")
+    log.debug("job %d is %s", job_id, target.value)
+    return job
+
+
+async def mark_running(session: AsyncSession, job_id: int) -> Job:
+    """Take a queued job: status running, ``attempts += 1``, ``started_at`` now."""
+    return await _transition(
+        session,
+        job_id,
+        (JobStatus.QUEUED,),
+        JobStatus.RUNNING,
+        attempts=Job.attempts + 1,
+        started_at=utcnow(),
+    )
+
+
+async def mark_done(session: AsyncSession, job_id: int, images: Sequence[NewImage], seconds: float) -> Job:
+    """Finish a running job with its images, in the caller's transaction (both or neither).
+
+    Args:
+        images: The outputs; their indices must be distinct.
+        seconds: How long generation took.
+    """
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    indices = [image.index for image in images]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"image indices must be distinct, got {indices}")
+    job = await _transition(
+        session,
+        job_id,
+        (JobStatus.RUNNING,),
+        JobStatus.DONE,
+        finished_at=utcnow(),
+        seconds=float(seconds),
+        error=None,
+    )
+    session.add_all(
+        Image(
+            job_id=job_id,
+            index=image.index,
+            seed=image.seed,
+            sha256=image.sha256,
+            width=image.width,
+            height=image.height,
+        )
+        for image in images
+    )
+    await session.flush()
+    return job
+
+
+async def mark_failed(session: AsyncSession, job_id: int, error: str) -> Job:
+    """Fail a queued or running job, keeping ``error`` (a message for the user or the log)."""
+    return await _transition(
+        session, job_id, _UNFINISHED, JobStatus.FAILED, finished_at=utcnow(), error=error
+    )
+
+
+async def mark_cancelled(session: AsyncSession, job_id: int) -> Job:
+    """Cancel a queued or running job."""
+    return await _transition(session, job_id, _UNFINISHED, JobStatus.CANCELLED, finished_at=utcnow())
+
+
+async def requeue_running(session: AsyncSession) -> list[int]:
+    """Put every running job back in the queue (at startup, after a crash); returns their ids."""
+    stmt = (
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, started_at=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    ids = sorted((await session.execute(stmt)).scalars().all())
+    if ids:
+        log.info("requeued %d interrupted job(s): %s", len(ids), ids)
+    return ids
+
+
+async def list_images(session: AsyncSession, job_id: int) -> list[Image]:
+    """The images of a job, by index (empty for an unknown job)."""
+    stmt = select(Image).where(Image.job_id == job_id).order_by(Image.index)
+    return list((await session.scalars(stmt)).all())
+
+
+def _filters(
+    user_id: int | None, status: JobStatus | Iterable[JobStatus] | None
+) -> list[ColumnElement[bool]]:
+    filters: list[ColumnElement[bool]] = []
+    if user_id is not None:
+        filters.append(Job.user_id == user_id)
+    if isinstance(status, str):  # a JobStatus is a str, and so iterable: check it first
+        filters.append(Job.status == JobStatus(status))
+    elif status is not None:
+        filters.append(Job.status.in_([JobStatus(s) for s in status]))
+    return filters
+
+
+async def list_jobs(
+    session: AsyncSession,
+    *,
+    user_id: int | None = None,
+    status: JobStatus | Iterable[JobStatus] | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[Job]:
+    """Jobs, newest first, optionally of one user and with one status (or any of several)."""
+    if limit < 0 or offset < 0:
+        raise ValueError(f"limit and offset must be >= 0, got {limit} and {offset}")
+    stmt = select(Job).where(*_filters(user_id, status)).order_by(Job.id.desc()).limit(limit).offset(offset)
+    return list((await session.scalars(stmt)).all())
+
+
+async def count_jobs(
+    session: AsyncSession,
+    *,
+    user_id: int | None = None,
+    status: JobStatus | Iterable[JobStatus] | None = None,
+) -> int:
+    """How many jobs :func:`list_jobs` would find without a limit."""
+    stmt = select(func.count()).select_from(Job).where(*_filters(user_id, status))
+    return int((await session.scalar(stmt)) or 0)
