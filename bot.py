@@ -16,7 +16,6 @@ from pipelines.cli import main as cli_main
 from pipelines.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    import discord
     from discord.ext import commands
 
     from pipelines.engine import Engine
@@ -28,7 +27,7 @@ log = logging.getLogger("dreamcord")
 NO_TOKEN = (
     "No Discord bot token is set. Create an application at https://discord.com/developers/applications, "
     "open Bot → Reset Token, copy it, then run again with DREAMCORD_DISCORD_TOKEN=<token> "
-    "(or discord_token = \"...\" in dreamcord.toml)."
+    '(or discord_token = "..." in dreamcord.toml).'
 )
 
 

@@ -61,9 +61,18 @@ class Generate(commands.Cog):
             count: How many images, 1-4.
         """
         spec = JobSpec(
-            prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg=cfg,
-            sampler=sampler, seed=seed, batch=count, user_id=interaction.user.id,
-            guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+            prompt=prompt,
+            negative_prompt=negative,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg=cfg,
+            sampler=sampler,
+            seed=seed,
+            batch=count,
+            user_id=interaction.user.id,
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
         )
         try:
             self.engine.prepare(spec)  # bad input: one sentence, before anything is stored or deferred
@@ -82,7 +91,9 @@ class Generate(commands.Cog):
             await interaction.followup.send(f"Something broke on our side (ref {ref}).", ephemeral=True)
             return
         files = [
-            discord.File(io.BytesIO(image.path.read_bytes()), filename=f"dreamcord-{result.job_id}-{image.index}.png")
+            discord.File(
+                io.BytesIO(image.path.read_bytes()), filename=f"dreamcord-{result.job_id}-{image.index}.png"
+            )
             for image in result.images
         ]
         embed = discord.Embed(description=prompt[:4000])

@@ -14,6 +14,7 @@ from typing import Any
 
 import diffusers
 import torch
+import transformers
 from diffusers import DiffusionPipeline
 
 from models.families import Family, family_info
@@ -147,6 +148,7 @@ class PipelineCache:
     def _load(self, entry: ModelEntry) -> DiffusionPipeline:
         log.info("loading model %s (%s) on %s/%s", entry.name, entry.kind, self.device, self.dtype)
         diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
         pipe: DiffusionPipeline
         if entry.kind == SourceKind.builtin:
             from models.tiny import ensure_tiny_models
@@ -158,7 +160,7 @@ class PipelineCache:
             pipe = load_single_file(entry.path, torch_dtype=self.dtype)
         else:
             pipe = DiffusionPipeline.from_pretrained(
-                entry.location, torch_dtype=self.dtype, local_files_only=entry.kind != SourceKind.hub
+                entry.location, dtype=self.dtype, local_files_only=entry.kind != SourceKind.hub
             )
         if self.device.type != "cpu":  # loading already put the weights on the CPU
             pipe.to(self.device)

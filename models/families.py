@@ -51,7 +51,9 @@ def detect_family_from_folder(folder: Path) -> Family:
     """Family of a diffusers pipeline folder, from model_index.json and the UNet config."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
-        raise InvalidRequestError(f"The model folder {folder.name} has no model_index.json; is it a diffusers model?")
+        raise InvalidRequestError(
+            f"The model folder {folder.name} has no model_index.json; is it a diffusers model?"
+        )
     index = _read_json(index_path)
     class_name = str(index.get("_class_name", ""))
     if "XL" in class_name or "text_encoder_2" in index:
@@ -62,5 +64,6 @@ def detect_family_from_folder(folder: Path) -> Family:
     if class_name.startswith("StableDiffusion"):
         return Family.sd15
     raise InvalidRequestError(
-        f"The model {folder.name} is a {class_name or 'unknown'} pipeline; only SD 1.x and SDXL models are supported."
+        f"The model {folder.name} is a {class_name or 'unknown'} pipeline; "
+        "only SD 1.x and SDXL models are supported."
     )

@@ -22,7 +22,15 @@ from pathlib import Path
 from models.families import Family, detect_family_from_folder
 from storage.errors import NotFoundError
 
-__all__ = ["A1111_DIRS", "BUILTIN_MODELS", "ModelEntry", "ModelRegistry", "SourceKind", "file_sha256", "offline"]
+__all__ = [
+    "A1111_DIRS",
+    "BUILTIN_MODELS",
+    "ModelEntry",
+    "ModelRegistry",
+    "SourceKind",
+    "file_sha256",
+    "offline",
+]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +116,9 @@ class ModelRegistry:
         """Rescan configured models and the A1111 root."""
         entries: dict[str, ModelEntry] = {}
         for name, (family, folder) in BUILTIN_MODELS.items():
-            entries[name.lower()] = ModelEntry(name, SourceKind.builtin, str(self.builtin_dir / folder), family)
+            entries[name.lower()] = ModelEntry(
+                name, SourceKind.builtin, str(self.builtin_dir / folder), family
+            )
         for entry in self._scan_root():
             entries[entry.name.lower()] = entry
         for name, location in self.extra.items():
@@ -139,13 +149,17 @@ class ModelRegistry:
             return ModelEntry(name, SourceKind.single_file, str(path), Family(detect_checkpoint(path).family))
         if _HUB_ID.match(location):
             return ModelEntry(name, SourceKind.hub, location, None)
-        raise NotFoundError(f"The model {name!r} points at {location!r}, which is neither a file, a folder nor a hub id.")
+        raise NotFoundError(
+            f"The model {name!r} points at {location!r}, which is neither a file, a folder nor a hub id."
+        )
 
     # --- lookup ----------------------------------------------------------------------------------
 
     def list(self) -> list[ModelEntry]:
         with self._lock:
-            return sorted(self._entries.values(), key=lambda e: (e.kind == SourceKind.builtin, e.name.lower()))
+            return sorted(
+                self._entries.values(), key=lambda e: (e.kind == SourceKind.builtin, e.name.lower())
+            )
 
     @property
     def default_name(self) -> str:
@@ -196,7 +210,10 @@ class ModelRegistry:
             return entry.path
         if entry.kind in (SourceKind.folder, SourceKind.builtin):
             unet = entry.path / "unet"
-            for candidate in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+            for candidate in (
+                "diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.fp16.safetensors",
+            ):
                 if (unet / candidate).is_file():
                     return unet / candidate
         return None

@@ -252,7 +252,7 @@ def _wants_json(argv: Sequence[str]) -> bool:
 
 
 def _quiet_libraries() -> None:
-    """Keep library chatter off the terminal without importing them (commands that need no model stay fast)."""
+    """Keep library chatter off the terminal without importing the libraries (keeps light commands fast)."""
     for key, value in (
         ("TOKENIZERS_PARALLELISM", "false"),
         ("DIFFUSERS_VERBOSITY", "error"),

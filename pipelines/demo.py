@@ -53,7 +53,8 @@ _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dreamcord demo</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; background: #1e1f22; color: #dbdee1; }}
-.card {{ display: flex; gap: 1.5rem; margin-bottom: 2rem; padding: 1rem; background: #2b2d31; border-radius: 8px; }}
+.card {{ display: flex; gap: 1.5rem; margin-bottom: 2rem; padding: 1rem; background: #2b2d31;
+         border-radius: 8px; }}
 .card img {{ width: 256px; height: 256px; image-rendering: pixelated; background: #000; }}
 pre {{ white-space: pre-wrap; font-size: 0.85rem; }}
 </style></head><body>

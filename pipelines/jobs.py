@@ -113,7 +113,8 @@ def _check_size(spec: JobSpec, limits: Limits) -> None:
             )
     if spec.width * spec.height > limits.max_pixels:
         raise InvalidRequestError(
-            f"{spec.width}×{spec.height} is too many pixels; keep width × height at most {limits.max_pixels:,}."
+            f"{spec.width}×{spec.height} is too many pixels; "
+            f"keep width × height at most {limits.max_pixels:,}."
         )
 
 

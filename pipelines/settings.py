@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     )
     models_root: Path | None = Field(
         None,
-        description="An AUTOMATIC1111 install (or the same layout): models/Stable-diffusion, models/Lora, ...",
+        description="An AUTOMATIC1111 install (or its layout): models/Stable-diffusion, models/Lora, ...",
     )
     models: dict[str, str] = Field(
         default_factory=dict,

@@ -43,7 +43,9 @@ def test_a1111_root_and_settings_models(a1111_root: Path, tiny_models: Path) -> 
     assert "notes" not in {e.name for e in registry.list()}
 
 
-def test_unknown_and_offline_hub_models_are_refused(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_and_offline_hub_models_are_refused(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry = ModelRegistry(builtin_dir=tiny_models, extra={"hubby": "someone/some-model"})
     with pytest.raises(NotFoundError, match="There is no model called 'nope'; available models: .*tiny-sd15"):
         registry.require("nope")

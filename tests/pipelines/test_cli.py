@@ -32,9 +32,32 @@ def env(tmp_path: Path, tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> d
 def test_generate_json_through_the_console_script(env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [str(DREAMCORD), "generate", "--prompt", "a red circle", "--width", "64", "--height", "64",
-         "--steps", "3", "--seed", "11", "--batch", "2", "--sampler", "Euler a", "--out", str(out), "--json"],
-        env=env, capture_output=True, text=True, timeout=240, check=False,
+        [
+            str(DREAMCORD),
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "3",
+            "--seed",
+            "11",
+            "--batch",
+            "2",
+            "--sampler",
+            "Euler a",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
@@ -73,7 +96,9 @@ def test_bad_input_exit_2_one_sentence_and_json_error(
     assert not (tmp_path / "data" / "files").exists() or not any((tmp_path / "data" / "files").rglob("*"))
 
 
-def test_empty_prompt_is_refused(env: dict[str, str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_empty_prompt_is_refused(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main(["generate", "--prompt", "", "--out", str(tmp_path / "o")]) == 2
     assert "The prompt is empty" in capsys.readouterr().err
 
@@ -84,7 +109,9 @@ def test_models_list_json(env: dict[str, str], capsys: pytest.CaptureFixture[str
     assert rows["tiny-sd15"]["default"] and rows["tiny-sdxl"]["family"] == "sdxl"
 
 
-def test_pnginfo_json_reads_a_fixture(env: dict[str, str], fixtures_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pnginfo_json_reads_a_fixture(
+    env: dict[str, str], fixtures_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     png = fixtures_dir / "pnginfo" / "parsers__AUTOMATIC1111__automatic1111_cropped.png"
     assert main(["pnginfo", str(png), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
@@ -92,7 +119,9 @@ def test_pnginfo_json_reads_a_fixture(env: dict[str, str], fixtures_dir: Path, c
     assert set(payload) == {"tool", "prompt", "negative_prompt", "parameters"}
 
 
-def test_pnginfo_on_a_non_image(env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pnginfo_on_a_non_image(
+    env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bogus = tmp_path / "x.png"
     bogus.write_bytes(b"hello")
     assert main(["pnginfo", str(bogus), "--json"]) == 2
@@ -101,6 +130,8 @@ def test_pnginfo_on_a_non_image(env: dict[str, str], tmp_path: Path, capsys: pyt
 
 def test_run_without_token_says_how_to_get_one(env: dict[str, str]) -> None:
     env = {k: v for k, v in env.items() if k != "DREAMCORD_DISCORD_TOKEN"}
-    proc = subprocess.run([str(DREAMCORD), "run"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [str(DREAMCORD), "run"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 2
     assert "DREAMCORD_DISCORD_TOKEN" in proc.stderr and "developers/applications" in proc.stderr

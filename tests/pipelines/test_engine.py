@@ -62,7 +62,9 @@ async def test_txt2img_is_stored_with_webui_parameters(engine: Engine, model: st
     async with engine.db.sessions() as session:
         job = await session.get(Job, result.job_id)
         assert job is not None and job.status == "done" and job.attempts == 1
-        assert job.spec["prompt"] == "a red circle" and job.spec["seed"] == 1234 and job.spec["model"] == model
+        assert (
+            job.spec["prompt"] == "a red circle" and job.spec["seed"] == 1234 and job.spec["model"] == model
+        )
         rows = (await session.scalars(select(ImageRow).where(ImageRow.job_id == result.job_id))).all()
         assert [(r.seed, r.sha256, r.width) for r in rows] == [(1234, image.sha256, 64)]
 
@@ -91,7 +93,10 @@ async def test_batch_equals_single_runs(engine: Engine, model_name: str, sampler
     base = JobSpec(prompt="a green square", model=model_name, sampler=sampler, seed=100, **SMALL)
     model = engine.cache.get(model_name)
     batch = generate_arrays(model, engine.prepare(JobSpec(**{**base.to_dict(), "batch": 3})))
-    singles = [generate_arrays(model, engine.prepare(JobSpec(**{**base.to_dict(), "seed": s}))) for s in (100, 101, 102)]
+    singles = [
+        generate_arrays(model, engine.prepare(JobSpec(**{**base.to_dict(), "seed": s})))
+        for s in (100, 101, 102)
+    ]
     assert batch.shape == (3, 64, 64, 3)
     for i, single in enumerate(singles):
         np.testing.assert_allclose(batch[i], single[0], atol=1e-5, rtol=0)

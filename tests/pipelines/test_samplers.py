@@ -20,8 +20,18 @@ SD_SCHEDULE = {
     "prediction_type": "epsilon",
 }
 
-REQUIRED = ["Euler a", "Euler", "LMS", "Heun", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE Karras",
-            "DPM++ 2M SDE", "DDIM", "UniPC"]
+REQUIRED = [
+    "Euler a",
+    "Euler",
+    "LMS",
+    "Heun",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "DPM++ 2M SDE",
+    "DDIM",
+    "UniPC",
+]
 
 
 def test_issue_list_is_covered() -> None:
