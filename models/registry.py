@@ -134,6 +134,8 @@ class ModelRegistry:
             log.warning("models_root %s has no %s folder", self.models_root, A1111_DIRS["checkpoint"])
             return
         for child in sorted(folder.iterdir()):
+            if child.suffix == ".config":  # a single file's sidecar config folder, not a model
+                continue
             if child.is_dir() and (child / "model_index.json").is_file():
                 yield self._entry_for(child.name, str(child))
             elif child.is_file() and child.suffix == ".safetensors":

@@ -85,3 +85,24 @@ def test_cache_shares_components_and_evicts_lru(tiny_models: Path) -> None:
     cache.budget_bytes = 1  # over budget: everything but the model just used goes
     cache.get("tiny-sd15")
     assert cache.loaded_names() == ["tiny-sd15"]
+
+
+def test_single_file_in_a1111_root_loads_through_the_cache(tmp_path: Path, tiny_models: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from models.ldm_export import save_config_dir, save_single_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models / "sd15", local_files_only=True)
+    checkpoints = tmp_path / "models" / "Stable-diffusion"
+    checkpoints.mkdir(parents=True)
+    save_single_file(pipe, checkpoints / "civitai-style.safetensors")
+    save_config_dir(pipe, checkpoints / "civitai-style.config")  # the tiny shapes need a sidecar config
+    registry = ModelRegistry(builtin_dir=tiny_models, models_root=tmp_path)
+    entry = registry.require("civitai-style")
+    assert entry.kind == SourceKind.single_file and entry.family == Family.sd15
+    assert "civitai-style.config" not in {e.name for e in registry.list()}
+    assert registry.model_hash(entry) == file_sha256(checkpoints / "civitai-style.safetensors")
+    cache = PipelineCache(registry, device=torch.device("cpu"), dtype=torch.float32, budget_bytes=10**12)
+    loaded = cache.get("civitai-style")
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(loaded.base.unet.state_dict()[name], tensor), name
