@@ -139,12 +139,16 @@ class Engine:
                 channel_id=spec.channel_id,
             )
             job_id = job.id
-        async with self.db.sessions.begin() as session:
-            await job_rows.mark_running(session, job_id)
+        work = asyncio.get_running_loop().run_in_executor(
+            self._require_executor(), self._run_blocking, spec, on_step
+        )
         try:
-            images = await asyncio.get_running_loop().run_in_executor(
-                self._require_executor(), self._run_blocking, spec, on_step
-            )
+            # The status write overlaps the computation instead of delaying it; both are awaited.
+            running, images = await asyncio.gather(self._mark_running(job_id), work, return_exceptions=True)
+            for outcome in (images, running):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert isinstance(images, list)
         except BotError as exc:
             await self._fail(job_id, str(exc))
             raise
@@ -166,6 +170,10 @@ class Engine:
         if self._executor is None:
             raise RuntimeError("Engine is not open; use `async with Engine(settings)`")
         return self._executor
+
+    async def _mark_running(self, job_id: int) -> None:
+        async with self.db.sessions.begin() as session:
+            await job_rows.mark_running(session, job_id)
 
     async def _fail(self, job_id: int, reason: str) -> None:
         async with self.db.sessions.begin() as session:

@@ -239,3 +239,12 @@ async def test_table_rebuild_keeps_child_rows(
         async with db.sessions() as session:
             assert (await session.scalars(select(Image.job_id))).all() == [job.id]
         await db.downgrade("0001")
+
+
+async def test_file_database_uses_wal_with_normal_sync(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from storage.db import Database, sqlite_url
+
+    async with Database(sqlite_url(tmp_path / "w.db")) as db:
+        async with db.engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+            assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 1  # NORMAL
