@@ -178,7 +178,7 @@ def _build_sd15_inpaint(dest: Path) -> None:
 
 def _build_sd15_controlnet(dest: Path) -> None:
     controlnet = tc.controlnet_from_unet(tc.sd15_unet(_SEED_UNET), _SEED_CONTROLNET)
-    controlnet.save_pretrained(dest, safe_serialization=True)  # type: ignore[attr-defined]
+    controlnet.save_pretrained(dest, safe_serialization=True)
 
 
 def _build_sdxl(dest: Path) -> None:
@@ -214,7 +214,7 @@ def _build_upscaler(dest: Path) -> None:
 
 
 def _build_vae_alt(dest: Path) -> None:
-    tc.vae(_SEED_VAE_ALT).save_pretrained(dest, safe_serialization=True)  # type: ignore[attr-defined]
+    tc.vae(_SEED_VAE_ALT).save_pretrained(dest, safe_serialization=True)
 
 
 def _build_esrgan(dest: Path) -> None:

@@ -141,7 +141,7 @@ def shape_mask(spec: ShapeSpec, size: int = 64, dilation: int = 0) -> np.ndarray
     if dilation <= 0:
         return mask.astype(bool)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1, 2 * dilation + 1))
-    return cv2.dilate(mask, kernel).astype(bool)
+    return np.asarray(cv2.dilate(mask, kernel), dtype=bool)
 
 
 def render(scene: Scene, size: int = 64) -> np.ndarray:

@@ -133,7 +133,7 @@ def _split_profile(line: np.ndarray, first: np.ndarray, second: np.ndarray) -> n
     n = len(a)
     centre = float(np.sum(a < 0.5))  # the step sits after the columns (rows) still nearer the first colour
     width = float(np.clip(np.sum((a > 0.2) & (a < 0.8)), 1.0, n / 8))
-    return np.clip((np.arange(n) + 0.5 - centre) / width + 0.5, 0.0, 1.0)
+    return np.asarray(np.clip((np.arange(n) + 0.5 - centre) / width + 0.5, 0.0, 1.0))
 
 
 def _background(img: np.ndarray) -> _Background | None:
@@ -234,7 +234,7 @@ def _radial_profile(points: np.ndarray, centre: np.ndarray, n: int = 128) -> np.
     theta, r = np.arctan2(d[:, 1], d[:, 0]), np.hypot(d[:, 0], d[:, 1])
     order = np.argsort(theta)
     grid = np.linspace(-np.pi, np.pi, n, endpoint=False)
-    return np.interp(grid, theta[order], r[order], period=2 * np.pi)
+    return np.asarray(np.interp(grid, theta[order], r[order], period=2 * np.pi))
 
 
 def _harmonics(profile: np.ndarray) -> tuple[np.ndarray, float]:
