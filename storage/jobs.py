@@ -20,9 +20,9 @@ import logging
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, CursorResult, func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import NotFoundError
@@ -130,14 +130,15 @@ async def _transition(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(list(allowed)))
         .values(status=target, **values)
-        .execution_options(synchronize_session=False)
+        .returning(Job)  # one round trip on the hot path; the job comes back updated
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    result = cast(CursorResult[Any], await session.execute(stmt))
-    job = await session.get(Job, job_id, populate_existing=True)
+    job = (await session.scalars(stmt)).one_or_none()
     if job is None:
-        raise NotFoundError(f"There is no job {job_id}.")
-    if result.rowcount != 1:
-        raise ValueError(f"job {job_id} is {job.status.value}; it cannot become {target.value}")
+        current = await session.get(Job, job_id, populate_existing=True)
+        if current is None:
+            raise NotFoundError(f"There is no job {job_id}.")
+        raise ValueError(f"job {job_id} is {current.status.value}; it cannot become {target.value}")
     log.debug("job %d is %s", job_id, target.value)
     return job
 
