@@ -81,7 +81,7 @@ def build_parser(extra: dict[str, tuple[str, Command]] | None = None) -> argpars
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="engine overhead vs the bare diffusers call, as JSON")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15, help="timed pairs per size (shared machines are noisy)")
     p.add_argument("--sizes", default="64,256", help="comma-separated square sizes")
     p.add_argument("--json", action="store_true", help="(always JSON; accepted for symmetry)")
     p.set_defaults(func=_cmd_bench)
