@@ -150,7 +150,7 @@ class PipelineCache:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         pipe: DiffusionPipeline
-        if entry.kind == SourceKind.builtin:
+        if entry.built_on_demand:
             from models.tiny import ensure_tiny_models
 
             ensure_tiny_models(self.registry.builtin_dir)

@@ -24,7 +24,9 @@ from storage.errors import NotFoundError
 
 __all__ = [
     "A1111_DIRS",
-    "BUILTIN_MODELS",
+    "SHAPES_MODEL",
+    "SHAPES_MODEL_DIR",
+    "TINY_BUILTINS",
     "ModelEntry",
     "ModelRegistry",
     "SourceKind",
@@ -64,6 +66,12 @@ class ModelEntry:
     kind: SourceKind
     location: str
     family: Family | None
+    default_size: int | None = None  # None: the family's default
+
+    @property
+    def built_on_demand(self) -> bool:
+        """A tiny random-weight model, built under the built-in models dir on first use."""
+        return self.kind == SourceKind.builtin and self.name in TINY_BUILTINS
 
     @property
     def path(self) -> Path:
@@ -83,8 +91,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-# Built-in models: name -> (family, folder under the built-in models dir).
-BUILTIN_MODELS: dict[str, tuple[Family, str]] = {
+# The model trained here that follows prompts, shipped with the code: the default when none is configured.
+SHAPES_MODEL = "shapes"
+SHAPES_MODEL_DIR = Path(__file__).resolve().parent / "shapes" / "model"
+SHAPES_SIZE = 64
+# Random-weight tiny models for fast plumbing tests: name -> (family, folder under the built-in models dir).
+TINY_BUILTINS: dict[str, tuple[Family, str]] = {
     "tiny-sd15": (Family.sd15, "sd15"),
     "tiny-sdxl": (Family.sdxl, "sdxl"),
 }
@@ -114,8 +126,12 @@ class ModelRegistry:
 
     def refresh(self) -> None:
         """Rescan configured models and the A1111 root."""
-        entries: dict[str, ModelEntry] = {}
-        for name, (family, folder) in BUILTIN_MODELS.items():
+        entries: dict[str, ModelEntry] = {
+            SHAPES_MODEL: ModelEntry(
+                SHAPES_MODEL, SourceKind.builtin, str(SHAPES_MODEL_DIR), Family.sd15, SHAPES_SIZE
+            )
+        }
+        for name, (family, folder) in TINY_BUILTINS.items():
             entries[name.lower()] = ModelEntry(
                 name, SourceKind.builtin, str(self.builtin_dir / folder), family
             )
@@ -168,7 +184,7 @@ class ModelRegistry:
         if self._default:
             return self._default
         configured = [e for e in self.list() if e.kind != SourceKind.builtin]
-        return configured[0].name if configured else "tiny-sd15"
+        return configured[0].name if configured else SHAPES_MODEL
 
     @property
     def using_builtin_default(self) -> bool:

@@ -135,7 +135,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         async with Engine(load_settings()) as engine:
             engine.prepare(spec)  # bad input fails here, before any notice or work
             if args.model is None and engine.registry.using_builtin_default:
-                print("No model is configured; using the built-in tiny-sd15 model.", file=sys.stderr)
+                name = engine.registry.default_name
+                print(f"No model is configured; using the built-in {name} model.", file=sys.stderr)
             progress = _ProgressBar(sys.stderr.isatty() and not args.json)
             result = await engine.generate(spec, on_step=progress)
         args.out.mkdir(parents=True, exist_ok=True)

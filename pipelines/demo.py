@@ -23,7 +23,23 @@ class DemoJob:
     spec: JobSpec
 
 
+_SHAPES_PROMPTS = (
+    "a large red circle at the top left on a blue background",
+    "a green square at the bottom right on a white background",
+    "black background, large yellow star in the centre",
+    "a purple ring on an orange background",
+    "a white cross at the top on a green background",
+    "a small blue triangle on a yellow background",
+)
+
 DEMO_JOBS: tuple[DemoJob, ...] = (
+    *(
+        DemoJob(
+            f"txt2img · built-in shapes model · “{prompt}”",
+            JobSpec(prompt=prompt, model="shapes", seed=10 + i, cfg=3.0, sampler="DPM++ 2M"),
+        )
+        for i, prompt in enumerate(_SHAPES_PROMPTS)
+    ),
     DemoJob(
         "txt2img · tiny SD 1.5 (random weights: proves the plumbing, shows noise)",
         JobSpec(

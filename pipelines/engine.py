@@ -115,7 +115,7 @@ class Engine:
     def prepare(self, spec: JobSpec) -> JobSpec:
         """Resolve defaults (model, size, seed) and check everything; raises before anything is stored."""
         entry: ModelEntry = self.registry.require(spec.model)
-        size = family_info(entry.family).default_size if entry.family else 512
+        size = entry.default_size or (family_info(entry.family).default_size if entry.family else 512)
         spec = replace(
             spec,
             model=entry.name,

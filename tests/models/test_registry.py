@@ -29,7 +29,9 @@ def test_builtins_are_listed_with_families(tiny_models: Path) -> None:
     entries = {e.name: e for e in registry.list()}
     assert entries["tiny-sd15"].family == Family.sd15 and entries["tiny-sd15"].kind == SourceKind.builtin
     assert entries["tiny-sdxl"].family == Family.sdxl
-    assert registry.default_name == "tiny-sd15" and registry.using_builtin_default
+    assert entries["shapes"].family == Family.sd15 and entries["shapes"].default_size == 64
+    assert not entries["shapes"].built_on_demand and entries["tiny-sd15"].built_on_demand
+    assert registry.default_name == "shapes" and registry.using_builtin_default
 
 
 def test_a1111_root_and_settings_models(a1111_root: Path, tiny_models: Path) -> None:

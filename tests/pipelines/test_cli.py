@@ -69,7 +69,7 @@ def test_generate_json_through_the_console_script(env: dict[str, str], tmp_path:
         assert path.parent == out and (item["width"], item["height"]) == (64, 64)
         with Image.open(path) as png:
             assert f"Seed: {item['seed']}" in png.info["parameters"]
-    assert "using the built-in tiny-sd15 model" in proc.stderr  # said once, on stderr
+    assert "using the built-in shapes model" in proc.stderr  # said once, on stderr
     assert proc.stderr.count("built-in") == 1
 
 
@@ -106,7 +106,8 @@ def test_empty_prompt_is_refused(
 def test_models_list_json(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["tiny-sd15"]["default"] and rows["tiny-sdxl"]["family"] == "sdxl"
+    assert rows["shapes"]["default"] and rows["shapes"]["family"] == "sd15"
+    assert not rows["tiny-sd15"]["default"] and rows["tiny-sdxl"]["family"] == "sdxl"
 
 
 def test_pnginfo_json_reads_a_fixture(

@@ -71,8 +71,10 @@ async def test_txt2img_is_stored_with_webui_parameters(engine: Engine, model: st
 
 async def test_default_model_size_and_random_seed_are_recorded(engine: Engine) -> None:
     spec = engine.prepare(JobSpec(prompt="x"))
-    assert spec.model == "tiny-sd15" and (spec.width, spec.height) == (512, 512)
+    assert spec.model == "shapes" and (spec.width, spec.height) == (64, 64)  # trained at 64×64
     assert 0 <= spec.seed < 2**32
+    sd = engine.prepare(JobSpec(prompt="x", model="tiny-sd15"))
+    assert (sd.width, sd.height) == (512, 512)
     xl = engine.prepare(JobSpec(prompt="x", model="TINY-SDXL"))
     assert xl.model == "tiny-sdxl" and xl.width == 1024
 
