@@ -10,7 +10,24 @@ from typing import Any
 
 from storage.errors import InvalidRequestError
 
-__all__ = ["FAMILIES", "Family", "FamilyInfo", "detect_family_from_folder", "family_info"]
+__all__ = [
+    "FAMILIES",
+    "SD_NOISE_SCHEDULE",
+    "Family",
+    "FamilyInfo",
+    "detect_family_from_folder",
+    "family_info",
+]
+
+#: The noise schedule SD 1.x and SDXL were trained with: 1000 steps, scaled_linear 0.00085-0.012, epsilon.
+SD_NOISE_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}
 
 
 class Family(StrEnum):

@@ -22,6 +22,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from models.families import SD_NOISE_SCHEDULE
+
 __all__ = [
     "ESRGAN_BLOCKS",
     "ESRGAN_FEATURES",
@@ -46,15 +48,7 @@ ESRGAN_FEATURES = 16
 ESRGAN_BLOCKS = 2
 _ESRGAN_GROWTH = 32  # spandrel's RRDBNet hard-codes the growth channels (gc) to 32
 
-# SD 1.x / SDXL training schedule: 1000 steps, scaled_linear 0.00085-0.012, epsilon.
-_SD_BETAS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-}
+_SD_BETAS = SD_NOISE_SCHEDULE
 
 
 def _text_config(hidden_act: str) -> CLIPTextConfig:

@@ -7,11 +7,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from models.families import SD_NOISE_SCHEDULE
 
 __all__ = [
     "REAL",
@@ -35,14 +36,7 @@ log = logging.getLogger(__name__)
 CLIP_VOCAB = 49408
 TOKEN_LENGTH = 77
 #: SD 1.x training schedule: 1000 steps, scaled_linear 0.00085-0.012, epsilon.
-SD_SCHEDULE: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-}
+SD_SCHEDULE = SD_NOISE_SCHEDULE
 
 
 @dataclass(frozen=True)
