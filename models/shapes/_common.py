@@ -141,6 +141,7 @@ class RunOptions:
     workers: int | None = None
     eval_n: int = 200
     compile: bool | None = None  # None: on for CUDA
+    base: Path | None = None  # inpaint/controlnet stages: the base txt2img pipeline folder
     command: str = ""
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
 

@@ -2,15 +2,18 @@
 
 Usage::
 
-    python -m models.shapes.train --stage vae|unet|all --out DIR [--minutes M] [--steps N] [--batch B]
-        [--device auto|cpu|cuda] [--seed S] [--pool P] [--tiny]
+    python -m models.shapes.train --stage vae|unet|all|inpaint|controlnet --out DIR [--minutes M]
+        [--steps N] [--batch B] [--device auto|cpu|cuda] [--seed S] [--pool P] [--tiny] [--base PIPE]
 
 ``--stage vae`` trains the AutoencoderKL (:mod:`models.shapes.train_vae`) and exports it to ``DIR/vae``;
 ``--stage unet`` trains the CLIP text encoder and the UNet on its cached latents
 (:mod:`models.shapes.train_unet`) and exports ``DIR/pipeline``, a StableDiffusionPipeline folder in fp16;
-``--stage all`` does both in turn. ``--steps`` is a stage's total step target (it sets the learning-rate
-schedule); ``--minutes`` stops cleanly at a time limit with a checkpoint in ``DIR/ckpt/<stage>.pt``, and
-rerunning the same command continues from it.
+``--stage all`` does both in turn. ``--stage inpaint`` (:mod:`models.shapes.train_inpaint`) and
+``--stage controlnet`` (:mod:`models.shapes.train_controlnet`) fine-tune from the ``--base`` pipeline and
+export ``DIR/inpaint-pipeline`` and ``DIR/controlnet``.
+``--steps`` is a stage's total step target (it sets the learning-rate schedule); ``--minutes`` stops
+cleanly at a time limit with a checkpoint in ``DIR/ckpt/<stage>.pt``, and rerunning the same command
+continues from it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ log = logging.getLogger(__name__)
 def parse_args(argv: list[str]) -> RunOptions:
     """Parse the command line into :class:`RunOptions`."""
     p = argparse.ArgumentParser(prog="python -m models.shapes.train", description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=("vae", "unet", "all"), required=True)
+    p.add_argument("--stage", choices=("vae", "unet", "all", "inpaint", "controlnet"), required=True)
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="inpaint/controlnet: the base txt2img pipeline (default: models/shapes/model)",
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder (data, checkpoints, exports)")
     p.add_argument("--minutes", type=float, help="stop cleanly (with a checkpoint) after this wall time")
     p.add_argument("--steps", type=int, help="total steps of the stage (default: by device)")
@@ -66,6 +74,11 @@ def run(opts: RunOptions) -> list[StageResult]:
 
     device = resolve_device(opts.device)
     clock = Clock(opts.minutes, opts.save_minutes)
+    if opts.stage in ("inpaint", "controlnet"):
+        from models.shapes.train_controlnet import train_controlnet
+        from models.shapes.train_inpaint import train_inpaint
+
+        return [(train_inpaint if opts.stage == "inpaint" else train_controlnet)(opts, clock, device)]
     results = []
     if opts.stage in ("vae", "all"):
         results.append(train_vae(opts, clock, device))
