@@ -187,16 +187,9 @@ def _cmd_pnginfo(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
-    from models.registry import ModelRegistry
-    from pipelines.settings import load_settings
+    from pipelines.settings import build_registry, load_settings
 
-    settings = load_settings()
-    registry = ModelRegistry(
-        builtin_dir=settings.tiny_models_dir,
-        models_root=settings.models_root,
-        extra=settings.models,
-        default_model=settings.default_model,
-    )
+    registry = build_registry(load_settings())
     rows = [
         {
             "name": e.name,

@@ -17,10 +17,10 @@ from types import TracebackType
 
 from models.cache import LoadedModel, PipelineCache, choose_device
 from models.families import family_info
-from models.registry import ModelEntry, ModelRegistry
+from models.registry import ModelEntry
 from pipelines.jobs import LIMITS, JobSpec, Limits, check_spec, resolve_seed
 from pipelines.pnginfo import format_parameters, png_bytes
-from pipelines.settings import Settings
+from pipelines.settings import Settings, build_registry
 from pipelines.text_to_image import StepHook, run_text_to_image
 from storage import jobs as job_rows
 from storage.db import Database
@@ -78,12 +78,7 @@ class Engine:
         self.limits = limits
         self.db = Database(settings.resolved_database_url)
         self.files = FileStore(settings.files_dir)
-        self.registry = ModelRegistry(
-            builtin_dir=settings.tiny_models_dir,
-            models_root=settings.models_root,
-            extra=settings.models,
-            default_model=settings.default_model,
-        )
+        self.registry = build_registry(settings)
         device, dtype = choose_device(settings.device, settings.dtype)
         self.cache = PipelineCache(
             self.registry, device=device, dtype=dtype, budget_bytes=settings.pipeline_cache_mb * 2**20

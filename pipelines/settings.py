@@ -19,7 +19,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["Settings", "load_settings"]
+from models.registry import ModelRegistry
+
+__all__ = ["Settings", "build_registry", "load_settings"]
 
 CONFIG_ENV = "DREAMCORD_CONFIG"
 
@@ -84,3 +86,13 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment and the TOML file, with ``overrides`` on top."""
     return Settings(**overrides)
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    """The model registry the settings describe (also used by commands that load no model)."""
+    return ModelRegistry(
+        builtin_dir=settings.tiny_models_dir,
+        models_root=settings.models_root,
+        extra=settings.models,
+        default_model=settings.default_model,
+    )
