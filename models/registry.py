@@ -24,6 +24,7 @@ from storage.errors import NotFoundError
 
 __all__ = [
     "A1111_DIRS",
+    "SHAPES_INPAINT",
     "SHAPES_MODEL",
     "SHAPES_MODEL_DIR",
     "TINY_BUILTINS",
@@ -95,11 +96,15 @@ def file_sha256(path: Path) -> str:
 SHAPES_MODEL = "shapes"
 SHAPES_MODEL_DIR = Path(__file__).resolve().parent / "shapes" / "model"
 SHAPES_SIZE = 64
+SHAPES_INPAINT = "shapes-inpaint"
+SHAPES_INPAINT_DIR = SHAPES_MODEL_DIR.parent / "inpaint"
 # Random-weight tiny models for fast plumbing tests: name -> (family, folder under the built-in models dir).
 TINY_BUILTINS: dict[str, tuple[Family, str]] = {
     "tiny-sd15": (Family.sd15, "sd15"),
     "tiny-sdxl": (Family.sdxl, "sdxl"),
+    "tiny-sd15-inpaint": (Family.sd15, "sd15-inpaint"),
 }
+_INPAINT_SUFFIXES = ("-inpaint", "-inpainting", "_inpainting", "-inpainting-fp16")
 
 
 class ModelRegistry:
@@ -112,11 +117,13 @@ class ModelRegistry:
         models_root: Path | None = None,
         extra: Mapping[str, str] | None = None,
         default_model: str | None = None,
+        inpaint_models: Mapping[str, str] | None = None,
     ) -> None:
         self.builtin_dir = builtin_dir
         self.models_root = models_root
         self.extra = dict(extra or {})
         self._default = default_model
+        self.inpaint_models = {k.lower(): v for k, v in (inpaint_models or {}).items()}
         self._lock = threading.Lock()
         self._entries: dict[str, ModelEntry] = {}
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -131,6 +138,10 @@ class ModelRegistry:
                 SHAPES_MODEL, SourceKind.builtin, str(SHAPES_MODEL_DIR), Family.sd15, SHAPES_SIZE
             )
         }
+        if SHAPES_INPAINT_DIR.is_dir():
+            entries[SHAPES_INPAINT] = ModelEntry(
+                SHAPES_INPAINT, SourceKind.builtin, str(SHAPES_INPAINT_DIR), Family.sd15, SHAPES_SIZE
+            )
         for name, (family, folder) in TINY_BUILTINS.items():
             entries[name.lower()] = ModelEntry(
                 name, SourceKind.builtin, str(self.builtin_dir / folder), family
@@ -206,6 +217,23 @@ class ModelRegistry:
                 "download it and configure its folder instead."
             )
         return entry
+
+    def inpaint_variant(self, entry: ModelEntry) -> ModelEntry | None:
+        """The inpainting (9-channel) model paired with ``entry``, if one is configured or named after it.
+
+        ``inpaint_models`` in the settings wins; else a model called ``<name>-inpainting`` (or ``-inpaint``,
+        ``_inpainting``); ``entry`` itself when it already is one.
+        """
+        if entry.name.lower().endswith(_INPAINT_SUFFIXES):
+            return entry
+        configured = self.inpaint_models.get(entry.name.lower())
+        if configured is not None:
+            return self.require(configured)
+        for suffix in _INPAINT_SUFFIXES:
+            found = self.get(entry.name + suffix)
+            if found is not None and found.family == entry.family:
+                return found
+        return None
 
     def model_hash(self, entry: ModelEntry) -> str | None:
         """sha256 of the checkpoint file (the UNet weights for a folder), cached by path, size and mtime."""

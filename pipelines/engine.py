@@ -11,23 +11,26 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
-from models.cache import LoadedModel, PipelineCache, choose_device
-from models.families import family_info
+from models.cache import PipelineCache, choose_device
+from models.extras import PLAIN_UPSCALERS
+from models.families import Family, family_info
 from models.registry import ModelEntry
-from pipelines.jobs import LIMITS, JobSpec, Limits, check_spec, resolve_seed
-from pipelines.pnginfo import format_parameters, png_bytes
-from pipelines.settings import Settings, build_registry
-from pipelines.text_to_image import StepHook, run_text_to_image
+from pipelines.inputs import JobInputs, PreparedInputs, prepare_inputs
+from pipelines.jobs import LIMITS, JobKind, JobSpec, Limits, check_spec, resolve_seed
+from pipelines.modes import ExtraCache, RunContext, StepHook, run_job
+from pipelines.parameters import webui_parameters
+from pipelines.pnginfo import png_bytes
+from pipelines.settings import Settings, build_extras, build_registry
 from storage import jobs as job_rows
 from storage.db import Database
-from storage.errors import BotError
+from storage.errors import BotError, InvalidRequestError
 from storage.files import FileStore
 
-__all__ = ["Engine", "GeneratedImage", "JobResult", "webui_parameters"]
+__all__ = ["Engine", "GeneratedImage", "JobInputs", "JobResult", "StoredPreview", "webui_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +51,28 @@ class GeneratedImage:
 
 
 @dataclass(frozen=True)
+class StoredPreview:
+    """An intermediate image worth showing (a preprocessed control map), stored beside the outputs."""
+
+    label: str
+    sha256: str
+    path: Path
+
+
+@dataclass(frozen=True)
 class JobResult:
     job_id: int
     spec: JobSpec
     images: list[GeneratedImage]
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what was changed about the inputs, for the user
+    previews: list[StoredPreview] = field(default_factory=list)
 
 
-def webui_parameters(spec: JobSpec, seed: int, model_name: str, model_hash: str | None) -> str:
-    """The A1111 ``parameters`` text for one image of ``spec``."""
-    params: dict[str, object] = {
-        "Steps": spec.steps,
-        "Sampler": spec.sampler,
-        "CFG scale": spec.cfg,
-        "Seed": seed,
-        "Size": f"{spec.width}x{spec.height}",
-        "Model hash": model_hash[:10] if model_hash else None,
-        "Model": model_name,
-        "Clip skip": spec.clip_skip if spec.clip_skip > 1 else None,
-    }
-    return format_parameters(spec.prompt, spec.negative_prompt, params)
+@dataclass(frozen=True)
+class _Outputs:
+    images: list[GeneratedImage]
+    previews: list[StoredPreview]
 
 
 class Engine:
@@ -83,6 +88,8 @@ class Engine:
         self.cache = PipelineCache(
             self.registry, device=device, dtype=dtype, budget_bytes=settings.pipeline_cache_mb * 2**20
         )
+        self.extras = build_extras(settings)
+        self.extra_cache = ExtraCache(self.extras)
         self._executor: ThreadPoolExecutor | None = None
 
     async def open(self) -> None:
@@ -107,22 +114,67 @@ class Engine:
 
     # --- the path of one job ---------------------------------------------------------------------
 
-    def prepare(self, spec: JobSpec) -> JobSpec:
-        """Resolve defaults (model, size, seed) and check everything; raises before anything is stored."""
+    def prepare(self, spec: JobSpec, inputs: JobInputs | None = None) -> JobSpec:
+        """Resolve defaults (model, size, seed, ControlNets, upscaler) and check everything.
+
+        Raises before anything is stored; :meth:`prepare_job` also returns the normalised input files.
+        """
+        return self.prepare_job(spec, inputs).spec
+
+    def prepare_job(self, spec: JobSpec, inputs: JobInputs | None = None) -> PreparedInputs:
         entry: ModelEntry = self.registry.require(spec.model)
         size = entry.default_size or (family_info(entry.family).default_size if entry.family else 512)
-        spec = replace(
-            spec,
-            model=entry.name,
-            width=spec.width or size,
-            height=spec.height or size,
-        )
+        prepared = prepare_inputs(replace(spec, model=entry.name), inputs or JobInputs(), size, self.limits)
+        spec = prepared.spec
+        spec = replace(spec, width=spec.width or size, height=spec.height or size)
         spec = check_spec(spec, self.limits)
-        return replace(spec, seed=resolve_seed(spec.seed))
+        spec = self._resolve_extras(spec, entry.family or Family.sd15)
+        for sha in (spec.init_image, spec.mask_image, *(u.image for u in spec.controls)):
+            if sha is not None and not self.files.exists(sha):
+                raise InvalidRequestError("An input image of this job is no longer stored; attach it again.")
+        prepared.spec = replace(spec, seed=resolve_seed(spec.seed))
+        return prepared
 
-    async def generate(self, spec: JobSpec, on_step: StepHook | None = None) -> JobResult:
+    def _resolve_extras(self, spec: JobSpec, family: Family) -> JobSpec:
+        """Name the ControlNets and upscaler the job will use, so the stored spec is complete."""
+        if spec.controls:
+            units = tuple(
+                replace(
+                    unit,
+                    model=self.extras.require_controlnet(
+                        unit.model, family=family, control_type=unit.type, model=spec.model or ""
+                    ).name,
+                )
+                for unit in spec.controls
+            )
+            spec = replace(spec, controls=units)
+        if spec.kind == JobKind.upscale and spec.upscaler not in PLAIN_UPSCALERS:
+            spec = replace(spec, upscaler=self.extras.require_upscaler(spec.upscaler).name)
+        if spec.hires_scale and not spec.hires_upscaler.startswith("Latent"):
+            if spec.hires_upscaler not in PLAIN_UPSCALERS:
+                spec = replace(spec, hires_upscaler=self.extras.require_upscaler(spec.hires_upscaler).name)
+        return spec
+
+    def _store_inputs(self, prepared: PreparedInputs) -> JobSpec:
+        """Store the normalised input images and point the spec at them."""
+        spec = prepared.spec
+        stored = {role: self.files.put_bytes(data).sha256 for role, data in prepared.files.items()}
+        units = tuple(
+            replace(unit, image=stored.get(f"control{i}", unit.image)) for i, unit in enumerate(spec.controls)
+        )
+        return replace(
+            spec,
+            init_image=stored.get("init", spec.init_image),
+            mask_image=stored.get("mask", spec.mask_image),
+            controls=units,
+        )
+
+    async def generate(
+        self, spec: JobSpec, on_step: StepHook | None = None, inputs: JobInputs | None = None
+    ) -> JobResult:
         """Run one job to the end and return its stored images."""
-        spec = self.prepare(spec)
+        prepared = self.prepare_job(spec, inputs)
+        spec = self._store_inputs(prepared)
         started = time.perf_counter()
         async with self.db.sessions.begin() as session:
             job = await job_rows.create_job(
@@ -139,11 +191,12 @@ class Engine:
         )
         try:
             # The status write overlaps the computation instead of delaying it; both are awaited.
-            running, images = await asyncio.gather(self._mark_running(job_id), work, return_exceptions=True)
-            for outcome in (images, running):
+            running, outputs = await asyncio.gather(self._mark_running(job_id), work, return_exceptions=True)
+            for outcome in (outputs, running):
                 if isinstance(outcome, BaseException):
                     raise outcome
-            assert isinstance(images, list)
+            assert isinstance(outputs, _Outputs)
+            images = outputs.images
         except BotError as exc:
             await self._fail(job_id, str(exc))
             raise
@@ -159,7 +212,7 @@ class Engine:
                 [job_rows.NewImage(i.index, i.seed, i.sha256, i.width, i.height) for i in images],
                 seconds,
             )
-        return JobResult(job_id=job_id, spec=spec, images=images, seconds=seconds)
+        return JobResult(job_id, spec, images, seconds, prepared.notes, outputs.previews)
 
     def _require_executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -174,16 +227,22 @@ class Engine:
         async with self.db.sessions.begin() as session:
             await job_rows.mark_failed(session, job_id, reason)
 
-    def _run_blocking(self, spec: JobSpec, on_step: StepHook | None) -> list[GeneratedImage]:
-        """On the worker thread: load (cached), generate, encode and store the PNGs."""
-        model: LoadedModel = self.cache.get(spec.model)
-        model_hash = self.registry.model_hash(model.entry)
-        pil_images = run_text_to_image(model, spec, on_step)
+    def _run_blocking(self, spec: JobSpec, on_step: StepHook | None) -> _Outputs:
+        """On the worker thread: load (cached), run the mode, encode and store the PNGs."""
+        ctx = RunContext(spec, self.cache, self.extra_cache, self.files, on_step)
+        output = run_job(ctx)
+        loaded = ctx.loaded_model
+        model_name = loaded.entry.name if loaded else None
+        model_hash = self.registry.model_hash(loaded.entry) if loaded else None
         stored: list[GeneratedImage] = []
-        for index, (image, seed) in enumerate(zip(pil_images, spec.seeds(), strict=True)):
-            parameters = webui_parameters(spec, seed, model.entry.name, model_hash)
+        for index, (image, seed) in enumerate(zip(output.images, spec.seeds(), strict=True)):
+            parameters = webui_parameters(spec, seed, model_name, model_hash, output.parameters)
             saved = self.files.put_bytes(png_bytes(image, parameters))
             stored.append(
                 GeneratedImage(index, seed, image.width, image.height, saved.sha256, saved.path, parameters)
             )
-        return stored
+        previews = []
+        for label, image in output.previews:
+            saved = self.files.put_bytes(png_bytes(image, ""))
+            previews.append(StoredPreview(label, saved.sha256, saved.path))
+        return _Outputs(stored, previews)

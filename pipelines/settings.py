@@ -19,9 +19,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from models.extras import ExtraRegistry
 from models.registry import ModelRegistry
 
-__all__ = ["Settings", "build_registry", "load_settings"]
+__all__ = ["Settings", "build_extras", "build_registry", "load_settings"]
 
 CONFIG_ENV = "DREAMCORD_CONFIG"
 
@@ -42,6 +43,17 @@ class Settings(BaseSettings):
     models: dict[str, str] = Field(
         default_factory=dict,
         description="Extra models: name -> diffusers folder, .safetensors file or hub id.",
+    )
+    inpaint_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="model name -> its inpainting model's name (default: a model called <name>-inpainting).",
+    )
+    controlnets: dict[str, str] = Field(
+        default_factory=dict, description="ControlNets: name -> diffusers folder or .safetensors file."
+    )
+    upscalers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Upscalers: name -> GAN model file (.pth/.safetensors) or SD x4 upscaler folder.",
     )
     builtin_models_dir: Path | None = Field(
         None, description="Where the built-in models are built and cached; default: data_dir/tiny-models."
@@ -95,4 +107,15 @@ def build_registry(settings: Settings) -> ModelRegistry:
         models_root=settings.models_root,
         extra=settings.models,
         default_model=settings.default_model,
+        inpaint_models=settings.inpaint_models,
+    )
+
+
+def build_extras(settings: Settings) -> ExtraRegistry:
+    """The ControlNets and upscalers the settings describe."""
+    return ExtraRegistry(
+        builtin_dir=settings.tiny_models_dir,
+        models_root=settings.models_root,
+        controlnets=settings.controlnets,
+        upscalers=settings.upscalers,
     )

@@ -12,12 +12,18 @@ from PIL import Image
 
 from models.cache import LoadedModel
 from pipelines.jobs import JobSpec
+from pipelines.modes import RunContext, RunOutput, StepHook
 from pipelines.samplers import make_scheduler
 
-__all__ = ["StepHook", "generate_arrays", "generators_for", "run_text_to_image", "step_callback"]
-
-# Called after every denoising step with (steps done, steps in all); raising stops the run.
-StepHook = Callable[[int, int], None]
+__all__ = [
+    "StepHook",
+    "generate_arrays",
+    "generators_for",
+    "run",
+    "run_text_to_image",
+    "step_callback",
+    "to_pil",
+]
 
 
 def generators_for(spec: JobSpec) -> list[torch.Generator]:
@@ -65,5 +71,14 @@ def run_text_to_image(
     model: LoadedModel, spec: JobSpec, on_step: StepHook | None = None
 ) -> list[Image.Image]:
     """:func:`generate_arrays` as PIL images."""
-    arrays = generate_arrays(model, spec, on_step)
+    return to_pil(generate_arrays(model, spec, on_step))
+
+
+def to_pil(arrays: np.ndarray) -> list[Image.Image]:
+    """Float images in [0, 1], shape (n, h, w, 3), as 8-bit PIL images."""
     return [Image.fromarray(a) for a in (arrays * 255).round().clip(0, 255).astype(np.uint8)]
+
+
+def run(ctx: RunContext) -> RunOutput:
+    """The txt2img runner."""
+    return RunOutput(run_text_to_image(ctx.model(), ctx.spec, ctx.on_step))

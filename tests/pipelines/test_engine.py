@@ -143,7 +143,7 @@ async def test_runner_failure_marks_the_job_failed(engine: Engine, monkeypatch: 
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("pipelines.engine.run_text_to_image", explode)
+    monkeypatch.setattr("pipelines.text_to_image.run_text_to_image", explode)
     with pytest.raises(RuntimeError):
         await engine.generate(JobSpec(prompt="x", seed=1, **SMALL))
     async with engine.db.sessions() as session:
