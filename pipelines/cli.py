@@ -11,12 +11,12 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.cli_generate import add_generate, add_preprocess
 from storage.errors import BotError
 
 __all__ = ["build_parser", "main"]
@@ -35,29 +35,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message[0].upper()}{message[1:]}; see `{self.prog} --help`.")
 
 
-def _add_generate(sub: argparse._SubParsersAction[_Parser]) -> None:
-    p = sub.add_parser("generate", help="generate images from a prompt")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", default="")
-    p.add_argument("--model", default=None, help="a model name from `dreamcord models list`")
-    p.add_argument("--width", type=int, default=0, help="pixels, a multiple of 8 (default: the model's size)")
-    p.add_argument("--height", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale, 0-30")
-    p.add_argument("--sampler", default="DPM++ 2M Karras", help="a webui sampler name, e.g. 'Euler a'")
-    p.add_argument("--seed", type=int, default=-1, help="-1 for a random seed (always recorded)")
-    p.add_argument("--batch", type=int, default=1, help="images, 1-4")
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs (default ./out)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_generate)
-
-
 def build_parser(extra: dict[str, tuple[str, Command]] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="dreamcord", description="Stable Diffusion for Discord: the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_generate(sub)
+    add_generate(sub, _cmd_generate)
+    add_preprocess(sub, _cmd_preprocess)
 
     p = sub.add_parser("pnginfo", help="show the generation parameters stored in an image")
     p.add_argument("file", type=Path)
@@ -113,53 +96,15 @@ class _ProgressBar:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines.engine import Engine
-    from pipelines.jobs import JobSpec
-    from pipelines.settings import load_settings
+    from pipelines.cli_generate import run_generate
 
-    spec = JobSpec(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        model=args.model,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        cfg=args.cfg,
-        sampler=args.sampler,
-        seed=args.seed,
-        batch=args.batch,
-        clip_skip=args.clip_skip,
-    )
+    return run_generate(args, _ProgressBar(sys.stderr.isatty() and not args.json))
 
-    async def go() -> dict[str, Any]:
-        async with Engine(load_settings()) as engine:
-            engine.prepare(spec)  # bad input fails here, before any notice or work
-            if args.model is None and engine.registry.using_builtin_default:
-                name = engine.registry.default_name
-                print(f"No model is configured; using the built-in {name} model.", file=sys.stderr)
-            progress = _ProgressBar(sys.stderr.isatty() and not args.json)
-            result = await engine.generate(spec, on_step=progress)
-        args.out.mkdir(parents=True, exist_ok=True)
-        images = []
-        for image in result.images:
-            target = args.out / f"job{result.job_id}-{image.index}-{image.seed}.png"
-            shutil.copyfile(image.path, target)
-            images.append(
-                {"path": str(target), "seed": image.seed, "width": image.width, "height": image.height}
-            )
-        return {
-            "job": {"id": result.job_id, **result.spec.to_dict()},
-            "images": images,
-            "seconds": result.seconds,
-        }
 
-    payload = asyncio.run(go())
-    if args.json:
-        print(json.dumps(payload))
-    else:
-        for image in payload["images"]:
-            print(f"{image['path']}  seed {image['seed']}  {image['width']}x{image['height']}")
-    return 0
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from pipelines.cli_generate import run_preprocess
+
+    return run_preprocess(args)
 
 
 def _cmd_pnginfo(args: argparse.Namespace) -> int:
