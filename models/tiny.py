@@ -7,6 +7,7 @@
 - ``sd15-controlnet/`` ControlNetModel made from the sd15 UNet (zero convolutions given random weights)
 - ``sdxl/``            StableDiffusionXLPipeline (two text encoders, text_time UNet, Euler; pads "!" in
                        tokenizer_2)
+- ``sdxl-controlnet/`` ControlNetModel made from the sdxl UNet (text_time conditioning, same treatment)
 - ``upscaler-x4/``     StableDiffusionUpscalePipeline (7-channel UNet, noise level as class label, 4x VAE)
 - ``vae-alt/``         a second AutoencoderKL compatible with sd15
 - ``esrgan/tiny_esrgan_x4.safetensors``  a 4x RRDBNet in Real-ESRGAN's key layout (spandrel: ESRGAN)
@@ -57,12 +58,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bump whenever a config, seed or file layout changes: cached families with another stamp are rebuilt.
-TINY_MODELS_VERSION = 3
+TINY_MODELS_VERSION = 4
 TINY_NAMES: tuple[str, ...] = (
     "sd15",
     "sd15-inpaint",
     "sd15-controlnet",
     "sdxl",
+    "sdxl-controlnet",
     "upscaler-x4",
     "vae-alt",
     "esrgan",
@@ -75,7 +77,7 @@ _STAMP = f"dreamcord tiny models v{TINY_MODELS_VERSION}\n"
 # One seed per component; equal seeds and configs give equal weights (shared text encoders, VAEs).
 _SEED_TEXT, _SEED_TEXT_2, _SEED_VAE, _SEED_UNET = 0, 1, 2, 3
 _SEED_INPAINT_UNET, _SEED_CONTROLNET, _SEED_SDXL_UNET, _SEED_UPSCALER_UNET = 4, 5, 6, 7
-_SEED_UPSCALER_VAE, _SEED_VAE_ALT, _SEED_ESRGAN = 8, 9, 10
+_SEED_UPSCALER_VAE, _SEED_VAE_ALT, _SEED_ESRGAN, _SEED_SDXL_CONTROLNET = 8, 9, 10, 11
 
 
 def tiny_path(root: Path, name: str) -> Path:
@@ -196,6 +198,11 @@ def _build_sdxl(dest: Path) -> None:
     _save_pipeline(pipe, dest, {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"})
 
 
+def _build_sdxl_controlnet(dest: Path) -> None:
+    controlnet = tc.controlnet_from_unet(tc.sdxl_unet(_SEED_SDXL_UNET), _SEED_SDXL_CONTROLNET)
+    controlnet.save_pretrained(dest, safe_serialization=True)
+
+
 def _build_upscaler(dest: Path) -> None:
     scheduler, low_res_scheduler = tc.upscaler_schedulers()
     pipe = StableDiffusionUpscalePipeline(
@@ -227,6 +234,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd15-inpaint": _build_sd15_inpaint,
     "sd15-controlnet": _build_sd15_controlnet,
     "sdxl": _build_sdxl,
+    "sdxl-controlnet": _build_sdxl_controlnet,
     "upscaler-x4": _build_upscaler,
     "vae-alt": _build_vae_alt,
     "esrgan": _build_esrgan,

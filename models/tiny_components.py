@@ -114,7 +114,7 @@ def sd15_unet(seed: int, *, in_channels: int = 4) -> UNet2DConditionModel:
 
 
 def controlnet_from_unet(unet: UNet2DConditionModel, seed: int) -> ControlNetModel:
-    """ControlNet copied from ``unet``; its condition embedding downsamples 8x, matching the 4-block VAE.
+    """ControlNet copied from ``unet`` (sd15 or sdxl); its condition embedding downsamples 8x, like the VAE.
 
     A fresh ControlNet's "zero convolutions" make it a no-op; here they get ordinary random weights, as a
     trained one would have, so the control image really changes the output.

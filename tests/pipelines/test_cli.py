@@ -61,7 +61,7 @@ def test_generate_json_through_the_console_script(env: dict[str, str], tmp_path:
     )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
-    assert set(payload) == {"job", "images", "seconds"}
+    assert set(payload) == {"job", "images", "previews", "notes", "seconds"}
     assert payload["job"]["prompt"] == "a red circle" and payload["job"]["sampler"] == "Euler a"
     assert [i["seed"] for i in payload["images"]] == [11, 12]
     for item in payload["images"]:
