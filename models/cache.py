@@ -82,7 +82,7 @@ class LoadedModel:
         pipe = self.by_class.get(class_name)
         if pipe is None:
             cls = getattr(diffusers, class_name)
-            pipe = cls.from_pipe(self.base)
+            pipe = cls.from_pipe(self.base, dtype=self.base.dtype)  # else from_pipe casts to float32
             pipe.set_progress_bar_config(disable=True)
             self.by_class[class_name] = pipe
         return pipe

@@ -215,6 +215,8 @@ class ExtraRegistry:
         candidates = [e for e in self.list(ExtraKind.controlnet) if e.family == family]
         if model.lower() == SHAPES_MODEL:
             candidates = [e for e in candidates if e.name == SHAPES_CONTROLNET] or candidates
+        else:  # the shapes ControlNet fits only the shapes UNet
+            candidates = [e for e in candidates if e.name != SHAPES_CONTROLNET]
         typed = [e for e in candidates if e.control_type == control_type and not e.tiny]
         untyped = [e for e in candidates if e.control_type is None and not e.tiny]
         for group in (typed, untyped if len(untyped) == 1 else []):

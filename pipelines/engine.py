@@ -75,6 +75,21 @@ class _Outputs:
     previews: list[StoredPreview]
 
 
+def _check_denoising_steps(spec: JobSpec, *, has_init: bool) -> None:
+    """A denoising strength so low that no step would run is refused before anything is stored."""
+    strength = {
+        JobKind.img2img: spec.strength,
+        JobKind.inpaint: spec.strength,
+        JobKind.controlnet: spec.strength if has_init else 1.0,
+        JobKind.erase: spec.erase_denoise or 1.0,
+    }.get(spec.kind, 1.0)
+    if int(spec.steps * strength) < 1:
+        raise InvalidRequestError(
+            f"Denoising strength {strength:g} with {spec.steps} steps runs no step at all; "
+            "raise the strength or the steps."
+        )
+
+
 class Engine:
     """Owns every long-lived resource; use as ``async with Engine(settings) as engine``."""
 
@@ -129,6 +144,7 @@ class Engine:
         spec = replace(spec, width=spec.width or size, height=spec.height or size)
         spec = check_spec(spec, self.limits)
         spec = self._resolve_extras(spec, entry.family or Family.sd15)
+        _check_denoising_steps(spec, has_init="init" in prepared.files or spec.init_image is not None)
         for sha in (spec.init_image, spec.mask_image, *(u.image for u in spec.controls)):
             if sha is not None and not self.files.exists(sha):
                 raise InvalidRequestError("An input image of this job is no longer stored; attach it again.")

@@ -260,7 +260,7 @@ def _digests(root: Path) -> dict[str, str]:
 def test_rebuild_is_byte_identical(tiny_models: Path, tmp_path: Path) -> None:
     build_tiny_models(tmp_path)
     rebuilt, cached = _digests(tmp_path), _digests(tiny_models)
-    assert len(rebuilt) == 16 and rebuilt == cached
+    assert len(rebuilt) == 17 and rebuilt == cached
     assert (tmp_path / "sd15/text_encoder/model.safetensors").samefile(
         tmp_path / "sdxl/text_encoder/model.safetensors"
     )
