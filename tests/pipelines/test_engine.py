@@ -150,3 +150,31 @@ async def test_runner_failure_marks_the_job_failed(engine: Engine, monkeypatch: 
         job = (await session.scalars(select(Job))).one()
     assert job.status == "failed" and job.error and "boom" not in job.error
     assert await _count(engine, ImageRow) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (
+            {"kind": "img2img", "strength": 0.04, "steps": 20},
+            "Denoising strength 0.04 with 20 steps runs no step",
+        ),
+        (
+            {"kind": "img2img", "upscaler": None, "hires_scale": 2.0},
+            "Hires fix applies to text-to-image only",
+        ),
+        ({"kind": "upscale", "upscaler": "no-such-upscaler"}, "no upscaler called 'no-such-upscaler'"),
+    ],
+)
+async def test_mode_options_are_checked_before_anything_is_stored(
+    engine: Engine, change: dict[str, object], fragment: str
+) -> None:
+    from pipelines.inputs import JobInputs
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="PNG")
+    spec = JobSpec.from_dict({**JobSpec(prompt="x", **SMALL).to_dict(), **change})
+    with pytest.raises((InvalidRequestError, NotFoundError), match=fragment):
+        await engine.generate(spec, inputs=JobInputs(init=buffer.getvalue()))
+    assert await _count(engine, Job) == 0
+    assert not list(engine.files.iter_hashes())
