@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -136,3 +137,86 @@ def test_run_without_token_says_how_to_get_one(env: dict[str, str]) -> None:
     )
     assert proc.returncode == 2
     assert "DREAMCORD_DISCORD_TOKEN" in proc.stderr and "developers/applications" in proc.stderr
+
+
+def _write_png(path: Path, image: Image.Image) -> Path:
+    image.save(path, format="PNG")
+    return path
+
+
+def _red_disc_scene(tmp_path: Path) -> tuple[Path, Path]:
+    from PIL import ImageDraw
+
+    scene = Image.new("RGB", (64, 64), (30, 60, 200))
+    ImageDraw.Draw(scene).ellipse((20, 20, 44, 44), fill=(230, 20, 20))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).ellipse((18, 18, 46, 46), fill=255)
+    return _write_png(tmp_path / "scene.png", scene), _write_png(tmp_path / "mask.png", mask)
+
+
+def test_erase_mode_through_the_cli(
+    env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scene, mask = _red_disc_scene(tmp_path)
+    out = tmp_path / "out"
+    args = [
+        "generate",
+        "--mode",
+        "erase",
+        "--init",
+        str(scene),
+        "--mask",
+        str(mask),
+        "--out",
+        str(out),
+        "--json",
+    ]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["job"]["kind"] == "erase" and payload["job"]["mask_image"]
+    with Image.open(payload["images"][0]["path"]) as image:
+        result = np.asarray(image.convert("RGB"), dtype=int)
+        parameters = image.info["parameters"]
+    red = (result[..., 0] > 150) & (result[..., 1] < 90)
+    assert not red.any()  # the disc is gone
+    assert "Erase method: Telea" in parameters
+
+
+def test_preprocess_writes_a_scribble_map(env: dict[str, str], tmp_path: Path) -> None:
+    from PIL import ImageDraw
+
+    drawing = Image.new("RGB", (64, 64), (255, 255, 255))
+    ImageDraw.Draw(drawing).line((8, 32, 56, 32), fill=(0, 0, 0), width=3)
+    src = _write_png(tmp_path / "drawing.png", drawing)
+    assert main(["preprocess", "scribble", str(src), "--out", str(tmp_path / "map.png")]) == 0
+    with Image.open(tmp_path / "map.png") as image:
+        result = np.asarray(image.convert("L"))
+    assert result[32, 32] == 255 and result[5, 5] == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--mode", "inpaint", "--mask", "{black}"], "The mask is all black"),
+        (
+            ["--mode", "controlnet", "--control", "sketchy:{scene}"],
+            "There is no control type called 'sketchy'",
+        ),
+        (["--mode", "img2img", "--init", "{missing}"], "Cannot read the init image"),
+        (["--mode", "upscale", "--scale", "9"], "Upscale factor must be a number between 1 and 4"),
+    ],
+)
+def test_mode_errors_exit_2_with_one_sentence(
+    env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], fragment: str
+) -> None:
+    scene, _ = _red_disc_scene(tmp_path)
+    black = _write_png(tmp_path / "black.png", Image.new("L", (64, 64), 0))
+    paths = {"black": str(black), "scene": str(scene), "missing": str(tmp_path / "nope.png")}
+    args = ["generate", "--prompt", "x", "--init", str(scene), "--out", str(tmp_path / "o"), "--json"]
+    if "controlnet" in extra:
+        args.remove("--init")
+        args.remove(str(scene))
+    code = main([*args, *[e.format(**paths) for e in extra]])
+    captured = capsys.readouterr()
+    assert code == 2 and fragment in captured.err and captured.err.count("\n") == 1
+    assert not (tmp_path / "data" / "files").exists() or not any((tmp_path / "data" / "files").rglob("*"))
