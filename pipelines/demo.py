@@ -5,11 +5,11 @@ from __future__ import annotations
 import html
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.demo_jobs import DEMO_JOBS, DemoJob
 from pipelines.engine import Engine, JobResult
-from pipelines.jobs import JobSpec
 from pipelines.settings import Settings
 
 __all__ = ["DEMO_JOBS", "DemoJob", "render_gallery", "run_demo"]
@@ -17,61 +17,15 @@ __all__ = ["DEMO_JOBS", "DemoJob", "render_gallery", "run_demo"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DemoJob:
-    title: str
-    spec: JobSpec
-
-
-_SHAPES_PROMPTS = (
-    "a large red circle at the top left on a blue background",
-    "a green square at the bottom right on a white background",
-    "black background, large yellow star in the centre",
-    "a purple ring on an orange background",
-    "a white cross at the top on a green background",
-    "a small blue triangle on a yellow background",
-)
-
-DEMO_JOBS: tuple[DemoJob, ...] = (
-    *(
-        DemoJob(
-            f"txt2img · built-in shapes model · “{prompt}”",
-            JobSpec(prompt=prompt, model="shapes", seed=10 + i, cfg=3.0, sampler="DPM++ 2M"),
-        )
-        for i, prompt in enumerate(_SHAPES_PROMPTS)
-    ),
-    DemoJob(
-        "txt2img · tiny SD 1.5 (random weights: proves the plumbing, shows noise)",
-        JobSpec(
-            prompt="a red circle on a blue background", model="tiny-sd15", width=128, height=128, seed=1234
-        ),
-    ),
-    DemoJob(
-        "txt2img · tiny SD 1.5, batch of 2, Euler a",
-        JobSpec(
-            prompt="a green square",
-            negative_prompt="blurry",
-            model="tiny-sd15",
-            width=64,
-            height=64,
-            sampler="Euler a",
-            seed=7,
-            batch=2,
-        ),
-    ),
-    DemoJob(
-        "txt2img · tiny SDXL",
-        JobSpec(prompt="a yellow star, night sky", model="tiny-sdxl", width=128, height=128, seed=42),
-    ),
-)
-
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dreamcord demo</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; background: #1e1f22; color: #dbdee1; }}
 .card {{ display: flex; gap: 1.5rem; margin-bottom: 2rem; padding: 1rem; background: #2b2d31;
          border-radius: 8px; }}
-.card img {{ width: 256px; height: 256px; image-rendering: pixelated; background: #000; }}
+.card img {{ width: 192px; height: 192px; image-rendering: pixelated; background: #000; }}
+figure {{ display: inline-block; margin: 0 0.5rem 0 0; }}
+figcaption {{ font-size: 0.8rem; color: #949ba4; }}
 pre {{ white-space: pre-wrap; font-size: 0.85rem; }}
 </style></head><body>
 <h1>dreamcord demo</h1>
@@ -82,41 +36,73 @@ carries its webui parameters in the PNG. Regenerate with <code>scripts/demo.sh</
 """
 
 _CARD = """<div class="card"><div>{images}</div><div><h2>{title}</h2>
-<p>job {job_id} · {seconds:.2f} s</p><pre>{parameters}</pre></div></div>"""
+<p>job {job_id} · {seconds:.2f} s{notes}</p><pre>{parameters}</pre></div></div>"""
 
 
-def render_gallery(entries: list[tuple[str, JobResult, list[str]]]) -> str:
-    """HTML for ``(title, result, image file names relative to the page)`` entries."""
+@dataclass
+class GalleryEntry:
+    """One card: the job's title and result, and (caption, file name) pairs for inputs and outputs."""
+
+    title: str
+    result: JobResult
+    figures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _figure(caption: str, name: str) -> str:
+    return (
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def render_gallery(entries: list[GalleryEntry]) -> str:
+    """The gallery page for ``entries`` (file names relative to the page)."""
     cards = []
-    for title, result, names in entries:
-        imgs = "".join(f'<img src="{html.escape(n)}" alt="{html.escape(result.spec.prompt)}">' for n in names)
+    for entry in entries:
+        result = entry.result
+        notes = "".join(f" · {html.escape(n)}" for n in result.notes)
         cards.append(
             _CARD.format(
-                images=imgs,
-                title=html.escape(title),
+                images="".join(_figure(c, n) for c, n in entry.figures),
+                title=html.escape(entry.title),
                 job_id=result.job_id,
                 seconds=result.seconds,
+                notes=notes,
                 parameters=html.escape(result.images[0].parameters),
             )
         )
     return _PAGE.format(cards="\n".join(cards))
 
 
+async def _run_one(engine: Engine, job: DemoJob, images_dir: Path) -> GalleryEntry:
+    inputs, shown = job.inputs()
+    result = await engine.generate(job.spec, inputs=inputs)
+    entry = GalleryEntry(job.title, result)
+    for index, (caption, data) in enumerate(shown):
+        name = f"job{result.job_id}-input{index}.png"
+        (images_dir / name).write_bytes(data)
+        entry.figures.append((caption, f"images/{name}"))
+    for index, preview in enumerate(result.previews):
+        name = f"job{result.job_id}-preview{index}.png"
+        shutil.copyfile(preview.path, images_dir / name)
+        entry.figures.append((preview.label, f"images/{name}"))
+    for image in result.images:
+        name = f"job{result.job_id}-{image.index}.png"
+        shutil.copyfile(image.path, images_dir / name)
+        entry.figures.append((f"output, seed {image.seed}, {image.width}×{image.height}", f"images/{name}"))
+    return entry
+
+
 async def run_demo(settings: Settings, out: Path, jobs: tuple[DemoJob, ...] = DEMO_JOBS) -> Path:
     """Run every demo job and write ``out/index.html``; returns its path."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    entries: list[tuple[str, JobResult, list[str]]] = []
+    entries: list[GalleryEntry] = []
     async with Engine(settings) as engine:
         for job in jobs:
-            result = await engine.generate(job.spec)
-            names = []
-            for image in result.images:
-                name = f"job{result.job_id}-{image.index}.png"
-                shutil.copyfile(image.path, images_dir / name)
-                names.append(f"images/{name}")
-            entries.append((job.title, result, names))
-            log.info("demo: %s -> job %s in %.2f s", job.title, result.job_id, result.seconds)
+            entry = await _run_one(engine, job, images_dir)
+            entries.append(entry)
+            log.info("demo: %s -> job %s in %.2f s", job.title, entry.result.job_id, entry.result.seconds)
     index = out / "index.html"
     index.write_text(render_gallery(entries), encoding="utf-8")
     return index

@@ -19,6 +19,7 @@ from models.cache import PipelineCache, choose_device
 from models.extras import PLAIN_UPSCALERS
 from models.families import Family, family_info
 from models.registry import ModelEntry
+from pipelines.hires import LATENT_UPSCALERS
 from pipelines.inputs import JobInputs, PreparedInputs, prepare_inputs
 from pipelines.jobs import LIMITS, JobKind, JobSpec, Limits, check_spec, resolve_seed
 from pipelines.modes import ExtraCache, RunContext, StepHook, run_job
@@ -164,12 +165,25 @@ class Engine:
                 for unit in spec.controls
             )
             spec = replace(spec, controls=units)
-        if spec.kind == JobKind.upscale and spec.upscaler not in PLAIN_UPSCALERS:
-            spec = replace(spec, upscaler=self.extras.require_upscaler(spec.upscaler).name)
-        if spec.hires_scale and not spec.hires_upscaler.startswith("Latent"):
-            if spec.hires_upscaler not in PLAIN_UPSCALERS:
-                spec = replace(spec, hires_upscaler=self.extras.require_upscaler(spec.hires_upscaler).name)
+        if spec.kind == JobKind.upscale:
+            spec = replace(spec, upscaler=self._upscaler_name(spec.upscaler, latent_ok=False))
+        if spec.hires_scale:
+            spec = replace(spec, hires_upscaler=self._upscaler_name(spec.hires_upscaler, latent_ok=True))
         return spec
+
+    def _upscaler_name(self, name: str | None, *, latent_ok: bool) -> str:
+        """The canonical name of an upscaler: a plain resampler, a latent mode (hires fix) or a model."""
+        if name is None:
+            return self.extras.require_upscaler(None).name
+        builtin: list[str] = [*PLAIN_UPSCALERS, *(LATENT_UPSCALERS if latent_ok else ())]
+        for known in builtin:
+            if known.lower() == name.strip().lower():
+                return known
+        if latent_ok and name.strip().lower().startswith("latent"):
+            raise InvalidRequestError(
+                f"There is no latent upscaler called {name!r}; use one of {', '.join(LATENT_UPSCALERS)}."
+            )
+        return self.extras.require_upscaler(name).name
 
     def _store_inputs(self, prepared: PreparedInputs) -> JobSpec:
         """Store the normalised input images and point the spec at them."""

@@ -66,12 +66,15 @@ def webui_parameters(
 ) -> str:
     """The A1111 ``parameters`` text for the image of ``spec`` made with ``seed``."""
     if spec.kind == JobKind.upscale:
+        extra = dict(extra or {})
         params: dict[str, object] = {
+            # a prompt-guided x4 upscale is seeded (its runner reports a noise level); a GAN's is not
+            "Seed": seed if "Noise level" in extra else None,
             "Postprocess upscale by": spec.scale,
             "Postprocess upscaler": spec.upscaler,
             "Size": "{}x{}".format(*spec.output_size),
         }
-        params.update(extra or {})
+        params.update(extra)
         return format_parameters(spec.prompt, spec.negative_prompt, params)
     width, height = spec.output_size
     params = {

@@ -164,6 +164,10 @@ async def test_runner_failure_marks_the_job_failed(engine: Engine, monkeypatch: 
             "Hires fix applies to text-to-image only",
         ),
         ({"kind": "upscale", "upscaler": "no-such-upscaler"}, "no upscaler called 'no-such-upscaler'"),
+        (
+            {"hires_scale": 2.0, "hires_upscaler": "Latent (sharp)"},
+            r"no latent upscaler called 'Latent \(sharp\)'",
+        ),
     ],
 )
 async def test_mode_options_are_checked_before_anything_is_stored(
@@ -174,7 +178,25 @@ async def test_mode_options_are_checked_before_anything_is_stored(
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="PNG")
     spec = JobSpec.from_dict({**JobSpec(prompt="x", **SMALL).to_dict(), **change})
+    inputs = JobInputs(init=buffer.getvalue()) if spec.kind != "txt2img" else None
     with pytest.raises((InvalidRequestError, NotFoundError), match=fragment):
-        await engine.generate(spec, inputs=JobInputs(init=buffer.getvalue()))
+        await engine.generate(spec, inputs=inputs)
     assert await _count(engine, Job) == 0
     assert not list(engine.files.iter_hashes())
+
+
+def test_upscaler_names_are_made_canonical(engine: Engine) -> None:
+    from pipelines.inputs import JobInputs
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="PNG")
+    inputs = JobInputs(init=buffer.getvalue())
+    assert (
+        engine.prepare(JobSpec(prompt="", kind="upscale", upscaler="lanczos"), inputs).upscaler == "Lanczos"
+    )
+    assert (
+        engine.prepare(JobSpec(prompt="", kind="upscale", upscaler="TINY-X4"), inputs).upscaler == "tiny-x4"
+    )
+    assert engine.prepare(JobSpec(prompt="", kind="upscale"), inputs).upscaler == "tiny-x4"  # the default
+    hires = engine.prepare(JobSpec(prompt="x", hires_scale=1.5, hires_upscaler="latent (NEAREST)", **SMALL))
+    assert hires.hires_upscaler == "Latent (nearest)"
