@@ -42,6 +42,12 @@ def build_parser(extra: dict[str, tuple[str, Command]] | None = None) -> argpars
     add_generate(sub, _cmd_generate)
     add_preprocess(sub, _cmd_preprocess)
 
+    p = sub.add_parser("explain-prompt", help="how the webui's prompt language reads a prompt")
+    p.add_argument("text")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps, for prompt editing (default 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_explain_prompt)
+
     p = sub.add_parser("pnginfo", help="show the generation parameters stored in an image")
     p.add_argument("file", type=Path)
     p.add_argument("--json", action="store_true")
@@ -105,6 +111,24 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from pipelines.cli_generate import run_preprocess
 
     return run_preprocess(args)
+
+
+def _cmd_explain_prompt(args: argparse.Namespace) -> int:
+    from pipelines.prompt_chunks import explain
+
+    if not 1 <= args.steps <= 1000:
+        raise UsageError("Steps must be between 1 and 1000.")
+    report = explain(args.text, steps=args.steps)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    print("weights:  " + "  ".join(f"[{t}]" if w == -1 else f"{t!r}×{w:.3g}" for t, w in report["weights"]))
+    for until, text in report["schedule"]:
+        print(f"until step {until}: {text}")
+    for net in report["networks"]:
+        print(f"{net['type']} {net['name']} at {net['weight']:g}")
+    print(f"{report['tokens']} tokens in {report['chunks']} chunk(s) of 75")
+    return 0
 
 
 def _cmd_pnginfo(args: argparse.Namespace) -> int:

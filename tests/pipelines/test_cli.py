@@ -220,3 +220,17 @@ def test_mode_errors_exit_2_with_one_sentence(
     captured = capsys.readouterr()
     assert code == 2 and fragment in captured.err and captured.err.count("\n") == 1
     assert not (tmp_path / "data" / "files").exists() or not any((tmp_path / "data" / "files").rglob("*"))
+
+
+def test_explain_prompt_json(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    text = "a (red:1.3) [circle:square:0.5], <lora:pixel:0.8> BREAK blue background"
+    assert main(["explain-prompt", text, "--steps", "10", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"weights", "schedule", "networks", "chunks", "tokens"}
+    assert ["red", 1.3] in report["weights"] and ["BREAK", -1] in report["weights"]
+    assert [until for until, _ in report["schedule"]] == [5, 10]
+    assert "circle" in report["schedule"][0][1] and "square" in report["schedule"][1][1]
+    assert report["networks"] == [{"type": "lora", "name": "pixel", "weight": 0.8}]
+    assert report["chunks"] == 2  # BREAK starts a second chunk
+    assert main(["explain-prompt", "(x:1.2.3)", "--json"]) == 2
+    assert "'1.2.3' is not a number" in json.loads(capsys.readouterr().out)["error"]
