@@ -25,6 +25,7 @@ from pipelines.jobs import LIMITS, JobKind, JobSpec, Limits, check_spec, resolve
 from pipelines.modes import ExtraCache, RunContext, StepHook, run_job
 from pipelines.parameters import webui_parameters
 from pipelines.pnginfo import png_bytes
+from pipelines.prompts import extract_networks, parse_attention, prompt_schedule
 from pipelines.settings import Settings, build_extras, build_registry
 from storage import jobs as job_rows
 from storage.db import Database
@@ -74,6 +75,19 @@ class JobResult:
 class _Outputs:
     images: list[GeneratedImage]
     previews: list[StoredPreview]
+
+
+def _check_prompt_language(spec: JobSpec) -> None:
+    """Parse the prompts now, so a malformed one is refused before anything is stored."""
+    for text in (spec.prompt, spec.negative_prompt):
+        stripped, networks = extract_networks(text)
+        if networks:
+            tag = f"<{networks[0].type}:{networks[0].name}>"
+            raise InvalidRequestError(
+                f"Extra networks such as {tag} are not available yet; remove the tag and try again."
+            )
+        parse_attention(stripped)
+        prompt_schedule(stripped, spec.steps)
 
 
 def _check_denoising_steps(spec: JobSpec, *, has_init: bool) -> None:
@@ -145,6 +159,7 @@ class Engine:
         spec = replace(spec, width=spec.width or size, height=spec.height or size)
         spec = check_spec(spec, self.limits)
         spec = self._resolve_extras(spec, entry.family or Family.sd15)
+        _check_prompt_language(spec)
         _check_denoising_steps(spec, has_init="init" in prepared.files or spec.init_image is not None)
         for sha in (spec.init_image, spec.mask_image, *(u.image for u in spec.controls)):
             if sha is not None and not self.files.exists(sha):

@@ -200,3 +200,46 @@ def test_upscaler_names_are_made_canonical(engine: Engine) -> None:
     assert engine.prepare(JobSpec(prompt="", kind="upscale"), inputs).upscaler == "tiny-x4"  # the default
     hires = engine.prepare(JobSpec(prompt="x", hires_scale=1.5, hires_upscaler="latent (NEAREST)", **SMALL))
     assert hires.hires_upscaler == "Latent (nearest)"
+
+
+async def test_the_webui_prompt_language_reaches_txt2img(engine: Engine) -> None:
+    model = engine.cache.get("tiny-sd15")
+
+    def run(prompt: str) -> np.ndarray:
+        return generate_arrays(
+            model, engine.prepare(JobSpec(prompt=prompt, model="tiny-sd15", seed=3, **SMALL))
+        )
+
+    base, blue = run("a red circle"), run("a blue circle")
+    assert np.abs(run("a (red:1.6) circle") - base).max() > 1e-3
+    edited = run("a [red:blue:1] circle")  # red for steps 0-1, then blue
+    # random tiny weights respond weakly to words; identical runs agree to ~1e-7
+    assert np.abs(edited - base).max() > 1e-5 and np.abs(edited - blue).max() > 1e-5
+    assert np.abs(run("a [red:blue:1] circle") - edited).max() < 1e-6
+    assert run(", ".join(["a red circle"] * 40)).shape == (1, 64, 64, 3)  # 120+ tokens: two chunks
+
+
+async def test_clip_skip_2_works_on_sd15(engine: Engine) -> None:
+    model = engine.cache.get("tiny-sd15")
+    one = generate_arrays(
+        model, engine.prepare(JobSpec(prompt="a red circle", model="tiny-sd15", seed=3, **SMALL))
+    )
+    two = generate_arrays(
+        model, engine.prepare(JobSpec(prompt="a red circle", model="tiny-sd15", seed=3, clip_skip=2, **SMALL))
+    )
+    assert np.abs(one - two).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("prompt", "fragment"),
+    [
+        ("a cat <lora:pixelart:0.8>", "Extra networks such as <lora:pixelart> are not available yet"),
+        ("a (cat:1.2.3)", "'1.2.3' is not a number"),
+    ],
+)
+async def test_prompt_language_errors_are_refused_up_front(
+    engine: Engine, prompt: str, fragment: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=fragment):
+        await engine.generate(JobSpec(prompt=prompt, seed=1, **SMALL))
+    assert await _count(engine, Job) == 0
