@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,24 +13,12 @@ from sqlalchemy import func, select
 from pipelines.engine import Engine
 from pipelines.jobs import JobSpec
 from pipelines.samplers import SAMPLERS
-from pipelines.settings import Settings
 from pipelines.text_to_image import generate_arrays
 from storage.errors import InvalidRequestError, NotFoundError
 from storage.tables import Image as ImageRow
 from storage.tables import Job
 
 SMALL = {"width": 64, "height": 64, "steps": 4}
-
-
-@pytest.fixture
-def settings(tmp_path: Path, tiny_models: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> Engine:
-    async with Engine(settings) as eng:
-        yield eng
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ diffusion pass runs on tiny SD 1.5 / SDXL; on shapes scenes the scorer no longer
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,29 +17,10 @@ from pipelines.engine import Engine, GeneratedImage
 from pipelines.erase import erase_dilation, fill
 from pipelines.inputs import JobInputs
 from pipelines.jobs import JobKind, JobSpec
-from pipelines.settings import Settings
+from tests.pipelines.helpers import encode_png as _png
 
 SMALL = {"width": 64, "height": 64, "steps": 4}
 RED = np.array([220, 30, 30])
-
-
-@pytest.fixture
-def settings(tmp_path: Path, tiny_models: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> Engine:
-    async with Engine(settings) as eng:
-        yield eng
-
-
-def _png(image: Image.Image | np.ndarray) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _pixels(image: GeneratedImage) -> tuple[np.ndarray, str]:

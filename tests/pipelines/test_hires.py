@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,22 +16,10 @@ from pipelines.hires import LATENT_UPSCALERS, hires_schedule, run_hires, upscale
 from pipelines.jobs import JobSpec
 from pipelines.modes import RunContext
 from pipelines.pnginfo import parse_parameters
-from pipelines.settings import Settings
 from storage.errors import InvalidRequestError
 from storage.tables import Job
 
 TINY = {"model": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "seed": 7}
-
-
-@pytest.fixture
-def settings(tmp_path: Path, tiny_models: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> Engine:
-    async with Engine(settings) as eng:
-        yield eng
 
 
 def _pixels(result: JobResult, index: int = 0) -> np.ndarray:

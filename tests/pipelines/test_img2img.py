@@ -4,7 +4,6 @@ model, measured by its scorer: a low strength keeps the scene, a high one follow
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,32 +18,13 @@ from pipelines.image_to_image import img2img_arrays
 from pipelines.images import ResizeMode, resize_to
 from pipelines.inputs import JobInputs
 from pipelines.jobs import JobKind, JobSpec
-from pipelines.settings import Settings
 from storage.errors import InvalidRequestError
 from storage.tables import Image as ImageRow
 from storage.tables import Job
+from tests.pipelines.helpers import encode_png as _png
 
 SMALL = {"width": 64, "height": 64, "steps": 4}
 SHAPES = {"model": "shapes", "cfg": 3.0, "sampler": "DPM++ 2M", "steps": 20}
-
-
-@pytest.fixture
-def settings(tmp_path: Path, tiny_models: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> Engine:
-    async with Engine(settings) as eng:
-        yield eng
-
-
-def _png(image: Image.Image | np.ndarray) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _pattern(width: int = 64, height: int = 64) -> Image.Image:

@@ -5,7 +5,6 @@ original, on tiny SD 1.5 (its 9-channel variant) and SDXL (the plain model); gre
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,33 +18,14 @@ from pipelines import inpaint
 from pipelines.engine import Engine, GeneratedImage
 from pipelines.inputs import JobInputs
 from pipelines.jobs import JobKind, JobSpec
-from pipelines.settings import Settings
 from storage.errors import InvalidRequestError
 from storage.tables import Image as ImageRow
 from storage.tables import Job
+from tests.pipelines.helpers import encode_png as _png
 
 SMALL = {"width": 64, "height": 64, "steps": 4}
 SHAPES = {"model": "shapes", "cfg": 3.0, "sampler": "DPM++ 2M", "steps": 20}
 BLUR_REACH = 10  # the webui's kernel for mask blur 4 is 21 wide: it reaches 10 px beyond the mask
-
-
-@pytest.fixture
-def settings(tmp_path: Path, tiny_models: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> Engine:
-    async with Engine(settings) as eng:
-        yield eng
-
-
-def _png(image: Image.Image | np.ndarray) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _pattern(width: int = 64, height: int = 64) -> np.ndarray:

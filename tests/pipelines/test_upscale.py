@@ -35,17 +35,6 @@ CPU = torch.device("cpu")
 SCENE = Scene((make_shape("circle", "red", "top left", "large"),), ("blue",))
 
 
-@pytest.fixture
-def settings(tmp_path: Path, tiny_models: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> Engine:
-    async with Engine(settings) as eng:
-        yield eng
-
-
 def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
