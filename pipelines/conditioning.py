@@ -26,6 +26,7 @@ from storage.errors import InvalidRequestError
 __all__ = [
     "Encoded",
     "ScheduledConditioning",
+    "conditioned",
     "encode_pair",
     "encode_prompt",
     "pipeline_kwargs",
@@ -286,3 +287,15 @@ def _stack(pos: torch.Tensor, neg: torch.Tensor, batch: int, cfg: bool) -> torch
     if not cfg:
         return pos.repeat(*reps)
     return torch.cat([neg.repeat(*reps), pos.repeat(*reps)])
+
+
+def conditioned(model: LoadedModel, spec: Any, then: StepCallback | None = None) -> dict[str, Any]:
+    """Everything a diffusers call needs for ``spec``'s prompts: embeddings and the step callback.
+
+    Use instead of ``prompt=``/``negative_prompt=``/``clip_skip=``/``callback_on_step_end=``; ``then`` is
+    the runner's own progress callback, called after the conditioning switch.
+    """
+    conditioning = ScheduledConditioning(
+        model, spec.prompt, spec.negative_prompt, spec.steps, spec.batch, spec.clip_skip
+    )
+    return {**conditioning.initial_kwargs(), **conditioning.callback_kwargs(then)}

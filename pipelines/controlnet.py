@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
-from diffusers import ControlNetModel, DiffusionPipeline
+from diffusers import ControlNetModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
@@ -27,9 +26,11 @@ from models.cache import LoadedModel
 from models.extras import ExtraEntry
 from models.families import Family
 from models.registry import file_sha256
+from pipelines.conditioning import conditioned
+from pipelines.image_to_image import progress_callback
 from pipelines.images import ResizeMode, resize_to
 from pipelines.jobs import ControlUnit, JobSpec
-from pipelines.modes import RunContext, RunOutput, StepHook
+from pipelines.modes import RunContext, RunOutput
 from pipelines.parameters import controlnet_unit_text
 from pipelines.preprocess import preprocess
 from pipelines.samplers import make_scheduler
@@ -188,18 +189,6 @@ def control_maps(ctx: RunContext) -> list[Image.Image]:
     return maps
 
 
-def _progress(on_step: StepHook | None) -> Callable[..., dict[str, Any]] | None:
-    """``callback_on_step_end`` reporting (done, total) with the steps the pipeline really runs."""
-    if on_step is None:
-        return None
-
-    def callback(pipe: DiffusionPipeline, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        on_step(step + 1, int(pipe.num_timesteps))
-        return kwargs
-
-    return callback
-
-
 def _unit_values(spec: JobSpec, single: bool) -> dict[str, Any]:
     weights = [float(u.weight) for u in spec.controls]
     starts = [float(u.start) for u in spec.controls]
@@ -258,15 +247,12 @@ def run(ctx: RunContext) -> RunOutput:
     if init is not None:
         images = {"image": init, "control_image": control_images, "strength": spec.strength}
     output = pipe(
-        prompt=[spec.prompt] * spec.batch,
-        negative_prompt=[spec.negative_prompt] * spec.batch,
+        **conditioned(model, spec, progress_callback(ctx.on_step)),
         width=spec.width,
         height=spec.height,
         num_inference_steps=spec.steps,
         guidance_scale=spec.cfg,
-        clip_skip=spec.clip_skip - 1 or None,  # webui "Clip skip 2" is diffusers' clip_skip=1
         generator=generators_for(spec),
-        callback_on_step_end=_progress(ctx.on_step),
         output_type="np",
         **images,
         **_unit_values(spec, single),

@@ -25,6 +25,7 @@ from diffusers import DiffusionPipeline
 
 from models.cache import LoadedModel
 from models.families import Family
+from pipelines.conditioning import conditioned
 from pipelines.jobs import JobSpec
 from pipelines.modes import RunContext, RunOutput, StepHook
 from pipelines.samplers import make_scheduler
@@ -115,15 +116,12 @@ def _first_pass(
     pipe = model.pipeline(model.base_class_name)
     pipe.scheduler = make_scheduler(spec.sampler, model.default_scheduler_config)
     output = pipe(
-        prompt=[spec.prompt] * spec.batch,
-        negative_prompt=[spec.negative_prompt] * spec.batch,
+        **conditioned(model, spec, _hook(on_step, 0, total)),
         width=spec.width,
         height=spec.height,
         num_inference_steps=spec.steps,
         guidance_scale=spec.cfg,
-        clip_skip=spec.clip_skip - 1 or None,
         generator=generators_for(spec),
-        callback_on_step_end=_hook(on_step, 0, total),
         output_type=output_type,
     )
     return output.images
@@ -160,15 +158,12 @@ def run_hires(ctx: RunContext) -> np.ndarray:
     log.debug("hires pass: %d of %d steps (strength %.4f)", hires_steps, scheduler_steps, strength)
     img2img.scheduler = make_scheduler(spec.sampler, model.default_scheduler_config)
     output = img2img(
-        prompt=[spec.prompt] * spec.batch,
-        negative_prompt=[spec.negative_prompt] * spec.batch,
+        **conditioned(model, spec, _hook(ctx.on_step, spec.steps, total)),
         image=init,
         strength=strength,
         num_inference_steps=scheduler_steps,
         guidance_scale=spec.cfg,
-        clip_skip=spec.clip_skip - 1 or None,
         generator=generators_for(spec),
-        callback_on_step_end=_hook(ctx.on_step, spec.steps, total),
         output_type="np",
     )
     images: np.ndarray = output.images

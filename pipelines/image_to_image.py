@@ -20,6 +20,7 @@ from PIL import Image
 
 from models.cache import LoadedModel
 from models.families import Family
+from pipelines.conditioning import conditioned
 from pipelines.images import ResizeMode, resize_to
 from pipelines.jobs import JobSpec
 from pipelines.modes import RunContext, RunOutput, StepHook
@@ -76,15 +77,12 @@ def img2img_arrays(
     pipe = model.pipeline(IMG2IMG_CLASSES[model.family])
     pipe.scheduler = make_scheduler(spec.sampler, model.default_scheduler_config)
     output = pipe(
-        prompt=[spec.prompt] * spec.batch,
-        negative_prompt=[spec.negative_prompt] * spec.batch,
+        **conditioned(model, spec, progress_callback(on_step)),
         image=image,
         strength=spec.strength,
         num_inference_steps=spec.steps,
         guidance_scale=spec.cfg,
-        clip_skip=spec.clip_skip - 1 or None,  # webui "Clip skip 2" is diffusers' clip_skip=1
         generator=generators_for(spec),
-        callback_on_step_end=progress_callback(on_step),
         output_type="np",
     )
     images: np.ndarray = output.images

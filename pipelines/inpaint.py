@@ -18,6 +18,7 @@ from PIL import Image
 
 from models.cache import LoadedModel
 from models.families import Family
+from pipelines.conditioning import conditioned
 from pipelines.image_to_image import fitted, progress_callback
 from pipelines.jobs import JobSpec
 from pipelines.masks import binarise, is_empty, latent_aligned, only_masked_box, overlay_alpha, paste_back
@@ -89,8 +90,7 @@ def inpaint_arrays(
     pipe = model.pipeline(INPAINT_CLASSES[model.family])
     pipe.scheduler = make_scheduler(spec.sampler, model.default_scheduler_config)
     output = pipe(
-        prompt=[spec.prompt] * spec.batch,
-        negative_prompt=[spec.negative_prompt] * spec.batch,
+        **conditioned(model, spec, progress_callback(on_step)),
         image=image,
         mask_image=latent_aligned(mask, int(pipe.vae_scale_factor)),
         height=image.height,
@@ -98,9 +98,7 @@ def inpaint_arrays(
         strength=strength,
         num_inference_steps=spec.steps,
         guidance_scale=spec.cfg,
-        clip_skip=spec.clip_skip - 1 or None,
         generator=generators_for(spec),
-        callback_on_step_end=progress_callback(on_step),
         output_type="np",
     )
     images: np.ndarray = output.images

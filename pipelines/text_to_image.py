@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from models.cache import LoadedModel
-from pipelines.conditioning import ScheduledConditioning
+from pipelines.conditioning import conditioned
 from pipelines.jobs import JobSpec
 from pipelines.modes import RunContext, RunOutput, StepHook
 from pipelines.samplers import make_scheduler
@@ -52,18 +52,14 @@ def generate_arrays(model: LoadedModel, spec: JobSpec, on_step: StepHook | None 
     """
     pipe = model.pipeline(model.base_class_name)
     pipe.scheduler = make_scheduler(spec.sampler, model.default_scheduler_config)
-    # The webui's prompt language: weights, BREAK, long prompts, prompt editing (switched per step).
-    conditioning = ScheduledConditioning(
-        model, spec.prompt, spec.negative_prompt, spec.steps, spec.batch, spec.clip_skip
-    )
     output = pipe(
-        **conditioning.initial_kwargs(),
+        # the webui's prompt language: weights, BREAK, long prompts, prompt editing switched per step
+        **conditioned(model, spec, step_callback(on_step, spec.steps)),
         width=spec.width,
         height=spec.height,
         num_inference_steps=spec.steps,
         guidance_scale=spec.cfg,
         generator=generators_for(spec),
-        **conditioning.callback_kwargs(step_callback(on_step, spec.steps)),
         output_type="np",
     )
     images: np.ndarray = output.images

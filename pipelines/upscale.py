@@ -134,7 +134,6 @@ def upscale_x4(
             num_inference_steps=spec.steps,
             guidance_scale=spec.cfg,
             noise_level=spec.noise_level,
-            clip_skip=spec.clip_skip - 1 or None,
             generator=torch.Generator("cpu").manual_seed(seed),
             callback=callback,
             output_type="np",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,19 +12,12 @@ from sqlalchemy import func, select
 from pipelines.engine import Engine
 from pipelines.inputs import JobInputs
 from pipelines.jobs import ControlUnit, JobKind, JobSpec
-from pipelines.settings import Settings
 from storage.errors import InvalidRequestError
 from storage.tables import Job
 from tests.pipelines.test_images import _encode, _png_claiming
 
 SCENE = _encode(Image.new("RGB", (64, 64), (20, 120, 220)))
 WHITE_MASK = _encode(Image.new("L", (64, 64), 255))
-
-
-@pytest.fixture
-async def engine(tmp_path: Path, tiny_models: Path) -> Engine:
-    async with Engine(Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)) as eng:
-        yield eng
 
 
 def _spec(kind: JobKind, **changes: object) -> JobSpec:
@@ -88,3 +80,20 @@ async def test_the_engine_keeps_serving_after_bad_input(engine: Engine) -> None:
     result = await engine.generate(_spec(JobKind.img2img, strength=0.5), inputs=JobInputs(init=SCENE))
     assert result.images and result.spec.init_image is not None
     assert engine.files.exists(result.spec.init_image)  # the input is stored once the job is accepted
+
+
+@pytest.mark.parametrize("kind", [JobKind.img2img, JobKind.inpaint, JobKind.controlnet])
+async def test_every_mode_takes_the_prompt_language_and_clip_skip(engine: Engine, kind: JobKind) -> None:
+    """Weighted, edited prompts and clip skip 2 reach every diffusion mode (diffusers' clip skip breaks)."""
+    changes: dict[str, object] = {"clip_skip": 2, "strength": 0.5}
+    inputs = JobInputs(init=SCENE)
+    if kind == JobKind.inpaint:
+        inputs = JobInputs(init=SCENE, mask=WHITE_MASK)
+    if kind == JobKind.controlnet:
+        changes["controls"] = (ControlUnit("canny", model="tiny-controlnet"),)
+        inputs = JobInputs(controls=(SCENE,))
+    spec = JobSpec(
+        prompt="a (red:1.4) [circle:square:1]", kind=kind, model="tiny-sd15", steps=4, seed=1, **changes
+    )  # type: ignore[arg-type]
+    result = await engine.generate(spec, inputs=inputs)
+    assert len(result.images) == 1 and "Clip skip: 2" in result.images[0].parameters
