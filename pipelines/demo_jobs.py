@@ -133,9 +133,9 @@ DEMO_MODE_JOBS: tuple[DemoJob, ...] = (
         _upscale,
     ),
     DemoJob(
-        "hires fix · shapes · 64×64, ×1.5 latent upscale, second pass at 0.3 (at 2× its shapes split)",
+        "hires fix · shapes · 64×64, ×1.5 latent, second pass at 0.3 (trained at 64 only: shapes may split)",
         JobSpec(
-            prompt="a large white ring on a red background",
+            prompt="a green square at the bottom right on a white background",
             hires_scale=1.5,
             hires_denoise=0.3,
             seed=8,
