@@ -1,0 +1,1 @@
+"""dreamcord: user-supplied adapters (LoRA, embeddings) and the safe reading of their weight files."""
