@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
 from models.cache import LoadedModel
-from models.families import Family
 from pipelines.conditioning import conditioned
+from pipelines.image_to_image import IMG2IMG_CLASSES
 from pipelines.jobs import JobSpec
 from pipelines.modes import RunContext, RunOutput, StepHook
 from pipelines.samplers import make_scheduler
@@ -34,7 +34,6 @@ from pipelines.upscale import upscale_image
 from storage.errors import InvalidRequestError
 
 __all__ = [
-    "IMG2IMG_CLASSES",
     "LATENT_UPSCALERS",
     "hires_schedule",
     "latent_mode",
@@ -53,10 +52,6 @@ LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
     "Latent (bicubic antialiased)": ("bicubic", True),
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
-}
-IMG2IMG_CLASSES: dict[Family, str] = {
-    Family.sd15: "StableDiffusionImg2ImgPipeline",
-    Family.sdxl: "StableDiffusionXLImg2ImgPipeline",
 }
 _LATENT_BY_LOWER = {name.lower(): name for name in LATENT_UPSCALERS}
 
