@@ -1,1 +1,1 @@
-"""dreamcord: user-supplied adapters (LoRA, embeddings) and the safe reading of their weight files."""
+"""Users' own adapters (LoRA, textual inversion, hypernetworks, VAEs): read safely, recognise, apply."""

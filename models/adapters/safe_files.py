@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ __all__ = [
     "FileFormat",
     "SafetensorsHeader",
     "TensorInfo",
+    "load_pickle_object",
     "load_state_dict",
     "read_safetensors_header",
     "sniff_format",
@@ -196,8 +198,21 @@ def _format_mb(n_bytes: int) -> str:
     return text.removesuffix(".0")
 
 
-def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    for tensor in tensors.values():
+def _tensors_in(obj: object, depth: int = 0) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts/lists/tuples (bounded depth: a plain weights object is shallow)."""
+    if depth > 16:
+        raise InvalidRequestError("This weights file is nested too deeply to be plain weights.")
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _tensors_in(value, depth + 1)]
+    if isinstance(obj, list | tuple):
+        return [t for value in obj for t in _tensors_in(value, depth + 1)]
+    return []
+
+
+def _check_finite(tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> None:
+    for tensor in tensors.values() if isinstance(tensors, dict) else tensors:
         if not tensor.is_floating_point():
             continue
         values = tensor if tensor.dtype in _NATIVE_FLOATS else tensor.to(torch.float32)
@@ -218,7 +233,30 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _check_zip(path: Path, max_bytes: int) -> None:
+    """Refuse a torch zip whose members unpack to more than ``max_bytes`` (a zip bomb) before torch reads it.
+
+    torch writes its members uncompressed, so a real file unpacks to about its own size.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise InvalidRequestError(
+            "This weights file is damaged and could not be read; upload it again."
+        ) from None
+    unpacked = sum(m.file_size for m in members)
+    if unpacked > max_bytes or len(members) > 100_000:
+        log.warning("refused a zip that unpacks to %d bytes: %s", unpacked, path)
+        raise InvalidRequestError(
+            "This file unpacks to far more data than it holds (a zip bomb?); upload the plain weights file."
+        )
+
+
+def _torch_load(path: Path, max_bytes: int) -> Any:
+    """``torch.load(weights_only=True)`` from an open file, with our sentences for every failure."""
+    if sniff_format(path) == "pickle-zip":
+        _check_zip(path, max_bytes)
     try:
         # An open file, not a path: torch.load picks its loader by a path's extension, and ours is untrusted.
         with path.open("rb") as fh:
@@ -231,6 +269,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise InvalidRequestError(
             "This weights file is damaged and could not be read; upload it again."
         ) from None
+    return obj
+
+
+def _load_pickle(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
+    obj = _torch_load(path, max_bytes)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(
@@ -240,6 +283,31 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             "This file does not hold a plain set of named weights; upload a .safetensors file instead."
         )
     return dict(obj)
+
+
+def _check_size(path: Path, max_bytes: int) -> int:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InvalidRequestError(
+            f"This weights file is larger than the {_format_mb(max_bytes)} MB limit; upload a smaller file."
+        )
+    return size
+
+
+def load_pickle_object(path: Path, *, max_bytes: int) -> Any:
+    """Load a torch-saved object of plain data (dicts, lists, numbers, text, tensors), never running code.
+
+    For the webui's hypernetwork and ``.pt`` embedding files, which nest dicts keyed by numbers.
+
+    Raises:
+        InvalidRequestError: Too large, not a torch pickle, code inside, a zip bomb, or NaN/Inf values.
+    """
+    _check_size(path, max_bytes)
+    if sniff_format(path) not in ("pickle-zip", "pickle"):
+        raise InvalidRequestError("This is not a torch-saved file; upload the original .pt file.")
+    obj = _torch_load(path, max_bytes)
+    _check_finite(_tensors_in(obj))
+    return obj
 
 
 def load_state_dict(path: Path, *, max_bytes: int) -> dict[str, torch.Tensor]:
@@ -255,15 +323,11 @@ def load_state_dict(path: Path, *, max_bytes: int) -> dict[str, torch.Tensor]:
     Raises:
         InvalidRequestError: Too large, an unknown or malformed format, code in a pickle, or NaN/Inf values.
     """
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise InvalidRequestError(
-            f"This weights file is larger than the {_format_mb(max_bytes)} MB limit; upload a smaller file."
-        )
+    size = _check_size(path, max_bytes)
     fmt = sniff_format(path)
     log.debug("loading %s weights from %s (%d bytes)", fmt, path, size)
     if fmt == "safetensors":
         return _load_safetensors(path)
     if fmt in ("pickle-zip", "pickle"):
-        return _load_pickle(path)
+        return _load_pickle(path, max_bytes)
     raise InvalidRequestError("This is not a weights file we can read; upload a .safetensors file instead.")

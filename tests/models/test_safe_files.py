@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import resource
 import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from safetensors.torch import save_file
 from models.adapters.safe_files import (
     SafetensorsHeader,
     TensorInfo,
+    load_pickle_object,
     load_state_dict,
     read_safetensors_header,
     sniff_format,
@@ -244,3 +247,53 @@ def test_size_cap_checked_first(tmp_path: Path) -> None:
         load_state_dict(path, max_bytes=MB)
     assert str(tmp_path) not in str(info.value)
     assert len(load_state_dict(path, max_bytes=2 * MB)["a"]) == 300_000
+
+
+def test_pickle_object_keeps_nested_plain_data(tmp_path: Path) -> None:
+    """Hypernetwork-shaped data: int keys, lists of state dicts, text and flags survive weights_only."""
+    obj = {768: [{"linear.0.weight": torch.ones(2, 2)}, {"linear.0.weight": torch.zeros(2, 2)}]}
+    obj |= {"layer_structure": [1, 2, 1], "activation_func": "relu", "is_layer_norm": False}
+    path = tmp_path / "hn.pt"
+    torch.save(obj, path)
+    loaded = load_pickle_object(path, max_bytes=MB)
+    assert loaded["layer_structure"] == [1, 2, 1] and loaded["activation_func"] == "relu"
+    assert torch.equal(loaded[768][0]["linear.0.weight"], torch.ones(2, 2))
+
+
+def test_pickle_object_refuses_code_and_nan(tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "hn.pt"
+    torch.save({768: [_Evil(marker)]}, evil)
+    with pytest.raises(InvalidRequestError, match=CODE_SENTENCE):
+        load_pickle_object(evil, max_bytes=MB)
+    assert not marker.exists()
+    nan = tmp_path / "nan.pt"
+    torch.save({768: [{"w": torch.tensor([float("nan")])}]}, nan)
+    with pytest.raises(InvalidRequestError, match="NaN or infinite"):
+        load_pickle_object(nan, max_bytes=MB)
+    safetensors_file = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(1)}, str(safetensors_file))
+    with pytest.raises(InvalidRequestError, match="not a torch-saved file"):
+        load_pickle_object(safetensors_file, max_bytes=MB)
+
+
+def _zip_bomb(path: Path, unpacked_mb: int) -> None:
+    """A torch-zip-shaped archive whose one deflated member unpacks to ``unpacked_mb`` MB of zeros."""
+    torch.save({"w": torch.zeros(1)}, path)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/data/bomb", "w", force_zip64=True) as member:
+            block = bytes(MB)
+            for _ in range(unpacked_mb):
+                member.write(block)
+
+
+@pytest.mark.parametrize("loader", [load_state_dict, load_pickle_object])
+def test_zip_bomb_refused_without_unpacking(tmp_path: Path, loader: object) -> None:
+    path = tmp_path / "bomb.pt"
+    _zip_bomb(path, 300)
+    assert path.stat().st_size < 2 * MB  # small on disk, 300 MB unpacked
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InvalidRequestError, match="zip bomb"):
+        loader(path, max_bytes=10 * MB)  # type: ignore[operator]
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 100 * 1024  # the bomb was never unpacked into memory
