@@ -29,7 +29,7 @@ class NotFoundError(BotError):
     """A named thing (model, asset, job) does not exist or is not visible to the user."""
 
 
-class IncompatibleAssetError(BotError):
+class IncompatibleAssetError(InvalidRequestError):
     """An asset does not fit the model family (an SDXL LoRA on an SD 1.5 model)."""
 
 

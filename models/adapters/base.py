@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.families import Family, family_info
-from storage.errors import InvalidRequestError
+from storage.errors import IncompatibleAssetError
 from storage.tables import AssetKind
 
 __all__ = ["KIND_LABELS", "AssetInfo", "wrong_family"]
@@ -59,10 +59,10 @@ class AssetInfo:
         }
 
 
-def wrong_family(kind: AssetKind, found: Family, expected: Family) -> InvalidRequestError:
+def wrong_family(kind: AssetKind, found: Family, expected: Family) -> IncompatibleAssetError:
     """The refusal for a file made for another family, naming both."""
     label = KIND_LABELS.get(kind, str(kind))
-    return InvalidRequestError(
+    return IncompatibleAssetError(
         f"This {label} is for {family_info(found).label}; "
         f"this server's model is {family_info(expected).label}."
     )
