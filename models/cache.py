@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,8 @@ class LoadedModel:
     nbytes: int
     default_scheduler_config: dict[str, Any]
     by_class: dict[str, DiffusionPipeline] = field(default_factory=dict)
+    #: Embeddings loaded for the running job: name -> the token strings it occupies in the tokenizer.
+    embeddings: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     @property
     def family(self) -> Family:

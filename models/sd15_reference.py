@@ -7,6 +7,9 @@ apply them. The weights here are random (seeded); an 8×8 latent (64×64 pixels)
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -14,7 +17,15 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from models.families import SD_NOISE_SCHEDULE
 from models.tokenizer import load_clip_tokenizer
 
-__all__ = ["sd15_reference_pipeline", "sd15_text_encoder", "sd15_unet", "sd15_vae"]
+__all__ = [
+    "ensure_sd15_reference",
+    "sd15_reference_pipeline",
+    "sd15_text_encoder",
+    "sd15_unet",
+    "sd15_vae",
+]
+
+log = logging.getLogger(__name__)
 
 
 def sd15_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -82,3 +93,24 @@ def sd15_reference_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+#: Bump when the saved reference model must be rebuilt.
+REFERENCE_VERSION = "1"
+
+
+def ensure_sd15_reference(folder: Path, seed: int = 0) -> Path:
+    """Save the reference pipeline as a diffusers folder (fp16 weights, ~2 GB) unless it is there already.
+
+    Engines load it like any configured model (``models = {"sd15-reference": folder}``), so the whole
+    product path — upload, prompt tags, worker, PNG info — can run real SD 1.5 adapter files.
+    """
+    marker = folder / "dreamcord-reference.txt"
+    if marker.is_file() and marker.read_text(encoding="utf-8").strip() == REFERENCE_VERSION:
+        return folder
+    pipe = sd15_reference_pipeline(seed)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    marker.write_text(REFERENCE_VERSION + "\n", encoding="utf-8")
+    log.info("saved the SD 1.5-shaped reference model to %s", folder)
+    return folder

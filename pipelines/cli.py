@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.cli_assets import add_asset_commands
 from pipelines.cli_generate import add_generate, add_preprocess
 from storage.errors import BotError
 
@@ -41,6 +42,7 @@ def build_parser(extra: dict[str, tuple[str, Command]] | None = None) -> argpars
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_generate(sub, _cmd_generate)
     add_preprocess(sub, _cmd_preprocess)
+    add_asset_commands(sub, _Parser, _cmd_check_asset, _cmd_assets)
 
     p = sub.add_parser("explain-prompt", help="how the webui's prompt language reads a prompt")
     p.add_argument("text")
@@ -111,6 +113,18 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from pipelines.cli_generate import run_preprocess
 
     return run_preprocess(args)
+
+
+def _cmd_check_asset(args: argparse.Namespace) -> int:
+    from pipelines.cli_assets import run_check_asset
+
+    return run_check_asset(args)
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from pipelines.cli_assets import run_assets
+
+    return run_assets(args)
 
 
 def _cmd_explain_prompt(args: argparse.Namespace) -> int:

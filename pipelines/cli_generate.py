@@ -74,6 +74,9 @@ def add_generate(sub: Any, handler: Any) -> None:
     p.add_argument("--seed", type=int, default=-1, help="-1 for a random seed (always recorded)")
     p.add_argument("--batch", type=int, default=1, help="images, 1-4")
     p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--vae", default=None, help="a VAE asset's name (default: the model's own)")
+    p.add_argument("--user", type=int, default=None, help="generate as this Discord user (their assets)")
+    p.add_argument("--guild", type=int, default=None, help="in this guild (its shared assets)")
     _add_mode_options(p)
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs (default ./out)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -181,6 +184,9 @@ def build_request(args: argparse.Namespace) -> tuple[JobSpec, Any]:
         seed=args.seed,
         batch=args.batch,
         clip_skip=args.clip_skip,
+        vae=args.vae,
+        user_id=args.user,
+        guild_id=args.guild,
         controls=tuple(units),
         **_mode_fields(args),
     )

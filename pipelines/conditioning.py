@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from models.adapters.embeddings import expand_embedding_words
 from models.cache import LoadedModel
 from models.families import Family
 from pipelines.prompt_chunks import Chunk, chunk_tokens
-from pipelines.prompts import parse_attention, prompt_schedule
+from pipelines.prompts import extract_networks, parse_attention, prompt_schedule
 from storage.errors import InvalidRequestError
 
 __all__ = [
@@ -58,7 +59,13 @@ def _is_xl(model: LoadedModel) -> bool:
 
 
 def _chunks(model: LoadedModel, text: str) -> list[Chunk]:
-    return chunk_tokens(parse_attention(text), model.base.tokenizer)
+    weighted = parse_attention(text)
+    if model.embeddings:  # a loaded embedding's name becomes the token strings holding its vectors
+        weighted = [
+            (t if (t, w) == ("BREAK", -1) else expand_embedding_words(t, model.embeddings), w)
+            for t, w in weighted
+        ]
+    return chunk_tokens(weighted, model.base.tokenizer)
 
 
 def _max_clip_skip(model: LoadedModel) -> int:
@@ -295,7 +302,6 @@ def conditioned(model: LoadedModel, spec: Any, then: StepCallback | None = None)
     Use instead of ``prompt=``/``negative_prompt=``/``clip_skip=``/``callback_on_step_end=``; ``then`` is
     the runner's own progress callback, called after the conditioning switch.
     """
-    conditioning = ScheduledConditioning(
-        model, spec.prompt, spec.negative_prompt, spec.steps, spec.batch, spec.clip_skip
-    )
+    prompt, negative = extract_networks(spec.prompt)[0], extract_networks(spec.negative_prompt)[0]
+    conditioning = ScheduledConditioning(model, prompt, negative, spec.steps, spec.batch, spec.clip_skip)
     return {**conditioning.initial_kwargs(), **conditioning.callback_kwargs(then)}

@@ -15,22 +15,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
+from models.adapters.inspect import asset_caps
+from models.adapters.runtime import ActiveAdapter, AdapterRuntime
 from models.cache import PipelineCache, choose_device
 from models.extras import PLAIN_UPSCALERS
 from models.families import Family, family_info
 from models.registry import ModelEntry
+from pipelines.adapters import resolve_adapters
 from pipelines.hires import LATENT_UPSCALERS
 from pipelines.inputs import JobInputs, PreparedInputs, prepare_inputs
 from pipelines.jobs import LIMITS, JobKind, JobSpec, Limits, check_spec, resolve_seed
-from pipelines.modes import ExtraCache, RunContext, StepHook, run_job
+from pipelines.modes import AdapterHook, ExtraCache, RunContext, StepHook, run_job
 from pipelines.parameters import webui_parameters
 from pipelines.pnginfo import png_bytes
 from pipelines.prompts import extract_networks, parse_attention, prompt_schedule
-from pipelines.settings import Settings, build_extras, build_registry
+from pipelines.settings import Settings, build_extras, build_registry, served_families
 from storage import jobs as job_rows
 from storage.db import Database
 from storage.errors import BotError, InvalidRequestError
 from storage.files import FileStore
+from storage.tables import AssetKind
 
 __all__ = ["Engine", "GeneratedImage", "JobInputs", "JobResult", "StoredPreview", "webui_parameters"]
 
@@ -80,12 +84,7 @@ class _Outputs:
 def _check_prompt_language(spec: JobSpec) -> None:
     """Parse the prompts now, so a malformed one is refused before anything is stored."""
     for text in (spec.prompt, spec.negative_prompt):
-        stripped, networks = extract_networks(text)
-        if networks:
-            tag = f"<{networks[0].type}:{networks[0].name}>"
-            raise InvalidRequestError(
-                f"Extra networks such as {tag} are not available yet; remove the tag and try again."
-            )
+        stripped, _ = extract_networks(text)
         parse_attention(stripped)
         prompt_schedule(stripped, spec.steps)
 
@@ -120,6 +119,10 @@ class Engine:
         )
         self.extras = build_extras(settings)
         self.extra_cache = ExtraCache(self.extras)
+        self.asset_caps = asset_caps(settings.asset_max_mb)
+        self.adapters = AdapterRuntime(
+            cache_bytes=settings.adapter_cache_mb * 2**20, max_bytes=self.asset_caps
+        )
         self._executor: ThreadPoolExecutor | None = None
 
     async def open(self) -> None:
@@ -166,6 +169,19 @@ class Engine:
                 raise InvalidRequestError("An input image of this job is no longer stored; attach it again.")
         prepared.spec = replace(spec, seed=resolve_seed(spec.seed))
         return prepared
+
+    def family_of(self, model: str | None) -> Family:
+        """The family of a model (hub models not yet fetched count as SD 1.5)."""
+        return self.registry.require(model).family or Family.sd15
+
+    def served_families(self) -> list[Family]:
+        """Families of the models users can pick (the default model's first); uploads must fit one."""
+        return served_families(self.registry)
+
+    async def resolve_adapters(self, spec: JobSpec) -> JobSpec:
+        """Name the stored adapters the job's prompts and ``vae`` option use (checks access and family)."""
+        async with self.db.sessions() as session:
+            return await resolve_adapters(session, spec, self.family_of(spec.model), self.limits)
 
     def _resolve_extras(self, spec: JobSpec, family: Family) -> JobSpec:
         """Name the ControlNets and upscaler the job will use, so the stored spec is complete."""
@@ -219,6 +235,7 @@ class Engine:
     ) -> JobResult:
         """Run one job to the end and return its stored images."""
         prepared = self.prepare_job(spec, inputs)
+        prepared.spec = await self.resolve_adapters(prepared.spec)
         spec = self._store_inputs(prepared)
         started = time.perf_counter()
         async with self.db.sessions.begin() as session:
@@ -272,9 +289,27 @@ class Engine:
         async with self.db.sessions.begin() as session:
             await job_rows.mark_failed(session, job_id, reason)
 
+    def _adapter_hook(self, spec: JobSpec) -> AdapterHook | None:
+        """What applies the job's adapters to each model it loads (None when it uses none)."""
+        if not spec.adapters:
+            return None
+        active = [
+            ActiveAdapter(
+                kind=AssetKind(ref.kind),
+                name=ref.name,
+                sha256=ref.sha256,
+                path=self.files.path_for(ref.sha256),
+                weight=ref.weight,
+                te_weight=ref.weight if ref.te_weight is None else ref.te_weight,
+                unet_weight=ref.weight if ref.unet_weight is None else ref.unet_weight,
+            )
+            for ref in spec.adapters
+        ]
+        return lambda model: self.adapters.applied(model, active)
+
     def _run_blocking(self, spec: JobSpec, on_step: StepHook | None) -> _Outputs:
         """On the worker thread: load (cached), run the mode, encode and store the PNGs."""
-        ctx = RunContext(spec, self.cache, self.extra_cache, self.files, on_step)
+        ctx = RunContext(spec, self.cache, self.extra_cache, self.files, on_step, self._adapter_hook(spec))
         output = run_job(ctx)
         loaded = ctx.loaded_model
         model_name = loaded.entry.name if loaded else None

@@ -72,7 +72,7 @@ def inpaint_model(ctx: RunContext) -> tuple[LoadedModel, dict[str, object]]:
         "Model": entry.name,
         "Inpaint model": variant.name,
     }
-    return ctx.cache.get(variant.name), parameters
+    return ctx.load(variant.name), parameters
 
 
 def inpaint_arrays(

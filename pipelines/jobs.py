@@ -13,6 +13,7 @@ from storage.errors import InvalidRequestError
 __all__ = [
     "CONTROL_TYPES",
     "LIMITS",
+    "AdapterRef",
     "ControlUnit",
     "JobKind",
     "JobSpec",
@@ -64,6 +65,33 @@ class ControlUnit:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A user's adapter resolved for one job: which stored file, under which name, how strongly.
+
+    ``kind`` is an asset kind (``lora``, ``embedding``, ``hypernetwork``, ``vae``); the engine fills these
+    from the prompt's tags, the embedding names it uses and the ``vae`` option, so a stored job names the
+    exact bytes it ran with.
+    """
+
+    kind: str
+    name: str
+    sha256: str
+    short_hash: str
+    format: str = ""
+    weight: float = 1.0
+    te_weight: float | None = None  # a LoRA's text-encoder multiplier when it differs from ``weight``
+    unet_weight: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterRef:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidRequestError(f"Unknown adapter option(s): {', '.join(sorted(unknown))}.")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class Limits:
     """Bounds every request is checked against (admins may tighten them later, per guild)."""
 
@@ -77,6 +105,8 @@ class Limits:
     max_clip_skip: int = 12
     max_controls: int = 3
     max_upscale_pixels: int = 4096 * 4096
+    max_adapters: int = 8  # LoRAs, hypernetworks and embeddings in one job
+    max_network_weight: float = 5.0
 
 
 LIMITS = Limits()
@@ -120,6 +150,8 @@ class JobSpec:
     hires_steps: int = 0  # 0: as many as ``steps``
     hires_upscaler: str = "Latent"
     hires_denoise: float = 0.7
+    vae: str | None = None  # a VAE asset's name; None: the model's own
+    adapters: tuple[AdapterRef, ...] = ()  # resolved by the engine from the prompts and ``vae``
     user_id: int | None = None
     guild_id: int | None = None
     channel_id: int | None = None
@@ -129,6 +161,7 @@ class JobSpec:
         data = asdict(self)
         data["kind"] = str(self.kind)
         data["controls"] = [asdict(unit) for unit in self.controls]
+        data["adapters"] = [asdict(ref) for ref in self.adapters]
         return data
 
     @classmethod
@@ -150,7 +183,15 @@ class JobSpec:
             values["controls"] = tuple(
                 u if isinstance(u, ControlUnit) else ControlUnit.from_dict(u) for u in values["controls"]
             )
+        if "adapters" in values:
+            values["adapters"] = tuple(
+                a if isinstance(a, AdapterRef) else AdapterRef.from_dict(a) for a in values["adapters"]
+            )
         return cls(**values)
+
+    def adapters_of(self, kind: str) -> tuple[AdapterRef, ...]:
+        """The resolved adapters of one kind, in prompt order."""
+        return tuple(ref for ref in self.adapters if ref.kind == kind)
 
     @property
     def output_size(self) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import importlib
 import io
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +24,24 @@ from pipelines.jobs import JobKind, JobSpec
 from storage.errors import GenerationError
 from storage.files import FileStore
 
-__all__ = ["RUNNERS", "ExtraCache", "RunContext", "RunOutput", "Runner", "StepHook", "run_job", "runner_for"]
+__all__ = [
+    "RUNNERS",
+    "AdapterHook",
+    "ExtraCache",
+    "RunContext",
+    "RunOutput",
+    "Runner",
+    "StepHook",
+    "run_job",
+    "runner_for",
+]
 
 log = logging.getLogger(__name__)
 
 # Called after every denoising step with (steps done, steps in all); raising stops the run.
 StepHook = Callable[[int, int], None]
+# Applies the job's adapters to a freshly got model for the rest of the run; exiting restores it.
+AdapterHook = Callable[[LoadedModel], AbstractContextManager[object]]
 
 
 class ExtraCache:
@@ -58,19 +71,34 @@ class ExtraCache:
 
 @dataclass
 class RunContext:
-    """What a runner may use. ``model()`` loads the job's checkpoint on first call."""
+    """What a runner may use. ``model()`` loads the job's checkpoint on first call.
+
+    Every model a runner gets through :meth:`model` or :meth:`load` has the job's adapters (LoRAs,
+    embeddings, hypernetworks, VAE) applied until :func:`run_job` returns, then restored.
+    """
 
     spec: JobSpec
     cache: PipelineCache
     extras: ExtraCache
     files: FileStore
     on_step: StepHook | None = None
+    adapters: AdapterHook | None = None
     _model: LoadedModel | None = field(default=None, repr=False)
+    _applied: ExitStack = field(default_factory=ExitStack, repr=False)
+    _adapted: set[int] = field(default_factory=set, repr=False)
 
     def model(self) -> LoadedModel:
         if self._model is None:
-            self._model = self.cache.get(self.spec.model)
+            self._model = self.load(self.spec.model)
         return self._model
+
+    def load(self, name: str | None) -> LoadedModel:
+        """A model from the cache (the job's or another, e.g. its inpainting variant), adapters applied."""
+        model = self.cache.get(name)
+        if self.adapters is not None and id(model) not in self._adapted:
+            self._applied.enter_context(self.adapters(model))
+            self._adapted.add(id(model))
+        return model
 
     @property
     def loaded_model(self) -> LoadedModel | None:
@@ -127,8 +155,9 @@ def runner_for(spec: JobSpec) -> Runner:
 
 
 def run_job(ctx: RunContext) -> RunOutput:
-    """Run the job's mode; the output has exactly ``spec.batch`` images."""
-    output = runner_for(ctx.spec)(ctx)
+    """Run the job's mode; the output has exactly ``spec.batch`` images. Adapters are restored after."""
+    with ctx._applied:
+        output = runner_for(ctx.spec)(ctx)
     if len(output.images) != ctx.spec.batch:
         raise GenerationError(
             f"The {ctx.spec.kind} runner returned {len(output.images)} images instead of {ctx.spec.batch}."

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipelines.jobs import ControlUnit, JobKind, JobSpec
+from pipelines.jobs import AdapterRef, ControlUnit, JobKind, JobSpec
 from pipelines.pnginfo import format_parameters
 
-__all__ = ["controlnet_unit_text", "webui_parameters"]
+__all__ = ["adapter_keys", "controlnet_unit_text", "webui_parameters"]
 
 _RESIZE_NAMES = {"crop": "Crop and Resize", "fit": "Just Resize", "fill": "Resize and Fill"}
 
@@ -57,6 +57,34 @@ def _mode_keys(spec: JobSpec) -> dict[str, object]:
     return keys
 
 
+def _weight_text(ref: AdapterRef) -> str:
+    return f"{ref.weight:g}"
+
+
+def adapter_keys(spec: JobSpec) -> dict[str, object]:
+    """The webui's keys for the job's adapters.
+
+    ``VAE``/``VAE hash``, ``Lora hashes``, ``TI hashes``, ``Hypernet``/``Hypernet hash``/``Hypernet strength``
+    (the ``<lora:...>`` tags stay in the prompt text, as the webui keeps them).
+    """
+    keys: dict[str, object] = {}
+    for vae in spec.adapters_of("vae"):
+        keys["VAE hash"] = vae.short_hash[:10]
+        keys["VAE"] = vae.name
+    loras = spec.adapters_of("lora")
+    if loras:
+        keys["Lora hashes"] = ", ".join(f"{r.name}: {r.short_hash}" for r in loras)
+    embeddings = spec.adapters_of("embedding")
+    if embeddings:
+        keys["TI hashes"] = ", ".join(f"{r.name}: {r.short_hash}" for r in embeddings)
+    hypernets = spec.adapters_of("hypernetwork")
+    if hypernets:
+        keys["Hypernet"] = ", ".join(r.name for r in hypernets)
+        keys["Hypernet hash"] = ", ".join(r.short_hash[:10] for r in hypernets)
+        keys["Hypernet strength"] = ", ".join(_weight_text(r) for r in hypernets)
+    return keys
+
+
 def webui_parameters(
     spec: JobSpec,
     seed: int,
@@ -87,6 +115,7 @@ def webui_parameters(
         "Model": model_name,
         "Clip skip": spec.clip_skip if spec.clip_skip > 1 else None,
     }
+    params.update(adapter_keys(spec))
     params.update(_mode_keys(spec))
     params.update(extra or {})
     return format_parameters(spec.prompt, spec.negative_prompt, params)

@@ -20,9 +20,10 @@ from pydantic_settings import (
 )
 
 from models.extras import ExtraRegistry
+from models.families import Family
 from models.registry import ModelRegistry
 
-__all__ = ["Settings", "build_extras", "build_registry", "load_settings"]
+__all__ = ["Settings", "build_extras", "build_registry", "load_settings", "served_families"]
 
 CONFIG_ENV = "DREAMCORD_CONFIG"
 
@@ -62,6 +63,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     pipeline_cache_mb: int = Field(12_000, ge=0, description="Memory budget for loaded pipelines.")
+    asset_max_mb: dict[str, int] = Field(
+        default_factory=dict,
+        description="Largest upload per asset kind in MB (lora, embedding, hypernetwork, vae); "
+        "unset kinds keep the defaults 1024 / 16 / 512 / 1024.",
+    )
+    adapter_cache_mb: int = Field(2_048, ge=0, description="Memory for recently used adapter weights.")
     discord_token: SecretStr | None = None
     log_level: str = "INFO"
 
@@ -109,6 +116,16 @@ def build_registry(settings: Settings) -> ModelRegistry:
         default_model=settings.default_model,
         inpaint_models=settings.inpaint_models,
     )
+
+
+def served_families(registry: ModelRegistry) -> list[Family]:
+    """Families of the models users can pick, the default model's first (uploads must fit one of them).
+
+    The tiny random-weight plumbing models do not count; hub models not yet fetched count as SD 1.5.
+    """
+    default = registry.require(None).family or Family.sd15
+    others = {e.family for e in registry.list() if e.family is not None and not e.built_on_demand}
+    return [default, *sorted(others - {default})]
 
 
 def build_extras(settings: Settings) -> ExtraRegistry:

@@ -33,6 +33,7 @@ __all__ = [
     "add_asset",
     "check_asset_name",
     "find_usable_asset",
+    "list_all_assets",
     "list_usable_assets",
     "remove_asset",
     "rename_asset",
@@ -116,7 +117,8 @@ async def add_asset(session: AsyncSession, new: NewAsset) -> Asset:
     )
     if clash is not None:
         raise InvalidRequestError(
-            f"You already have a {new.kind} called {name}; pick another name or delete the old one first."
+            f"You already have {new.kind.with_article} called {name}; "
+            "pick another name or delete the old one first."
         )
     await ensure_user(session, new.owner_id)
     row = Asset(
@@ -153,7 +155,15 @@ async def list_usable_assets(
         query = query.where(Asset.kind == kind)
     if family is not None:
         query = query.where(Asset.family == family)
-    query = query.order_by(Asset.kind, Asset.name, _preference(user_id, guild_id), Asset.id)
+    query = query.order_by(Asset.kind, func.lower(Asset.name), _preference(user_id, guild_id), Asset.id)
+    return list(await session.scalars(query))
+
+
+async def list_all_assets(session: AsyncSession, *, kind: AssetKind | None = None) -> list[Asset]:
+    """Every asset, for admins (by kind, then name, then owner)."""
+    query = select(Asset).order_by(Asset.kind, func.lower(Asset.name), Asset.owner_id)
+    if kind is not None:
+        query = query.where(Asset.kind == kind)
     return list(await session.scalars(query))
 
 
@@ -175,7 +185,9 @@ async def _own(session: AsyncSession, owner_id: int, kind: AssetKind, name: str)
         select(Asset).where(Asset.owner_id == owner_id, Asset.kind == kind, _named(name))
     )
     if row is None:
-        raise NotFoundError(f"You have no {kind} called {name.strip()}; see the list of your {kind}s.")
+        raise NotFoundError(
+            f"You have no {kind.label} called {name.strip()}; see the list of your {kind.label}s."
+        )
     return row
 
 
@@ -200,7 +212,9 @@ async def rename_asset(
             select(Asset.id).where(Asset.owner_id == owner_id, Asset.kind == kind, _named(cleaned))
         )
         if clash is not None:
-            raise InvalidRequestError(f"You already have a {kind} called {cleaned}; pick another name.")
+            raise InvalidRequestError(
+                f"You already have {kind.with_article} called {cleaned}; pick another name."
+            )
     row.name = cleaned
     await session.flush()
     return row

@@ -97,6 +97,19 @@ class AssetKind(enum.StrEnum):
     CHECKPOINT = "checkpoint"
     UPSCALER = "upscaler"
 
+    @property
+    def label(self) -> str:
+        """How sentences for users name the kind: ``LoRA``, ``embedding``, ``VAE``..."""
+        return _KIND_LABELS.get(self.value, self.value)
+
+    @property
+    def with_article(self) -> str:
+        """``a LoRA``, ``an embedding``."""
+        return f"{'an' if self.label[0] in 'aeiou' else 'a'} {self.label}"
+
+
+_KIND_LABELS = {"lora": "LoRA", "vae": "VAE", "controlnet": "ControlNet"}
+
 
 class Visibility(enum.StrEnum):
     """Who may use an asset."""

@@ -12,12 +12,7 @@ from storage.tables import AssetKind
 __all__ = ["KIND_LABELS", "AssetInfo", "wrong_family"]
 
 #: How each kind is named in sentences for users.
-KIND_LABELS: dict[AssetKind, str] = {
-    AssetKind.LORA: "LoRA",
-    AssetKind.EMBEDDING: "embedding",
-    AssetKind.HYPERNETWORK: "hypernetwork",
-    AssetKind.VAE: "VAE",
-}
+KIND_LABELS: dict[AssetKind, str] = {kind: kind.label for kind in AssetKind}
 
 
 @dataclass(frozen=True)

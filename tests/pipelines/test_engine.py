@@ -14,7 +14,7 @@ from pipelines.engine import Engine
 from pipelines.jobs import JobSpec
 from pipelines.samplers import SAMPLERS
 from pipelines.text_to_image import generate_arrays
-from storage.errors import InvalidRequestError, NotFoundError
+from storage.errors import BotError, InvalidRequestError, NotFoundError
 from storage.tables import Image as ImageRow
 from storage.tables import Job
 
@@ -220,13 +220,14 @@ async def test_clip_skip_2_works_on_sd15(engine: Engine) -> None:
 @pytest.mark.parametrize(
     ("prompt", "fragment"),
     [
-        ("a cat <lora:pixelart:0.8>", "Extra networks such as <lora:pixelart> are not available yet"),
+        ("a cat <lora:pixelart:0.8>", "There is no LoRA called pixelart that you can use here"),
         ("a (cat:1.2.3)", "'1.2.3' is not a number"),
+        ("a cat <lora:x:abc>", "The weight 'abc' in '<lora:x:abc>' is not a number"),
     ],
 )
 async def test_prompt_language_errors_are_refused_up_front(
     engine: Engine, prompt: str, fragment: str
 ) -> None:
-    with pytest.raises(InvalidRequestError, match=fragment):
+    with pytest.raises(BotError, match=fragment):
         await engine.generate(JobSpec(prompt=prompt, seed=1, **SMALL))
     assert await _count(engine, Job) == 0

@@ -94,7 +94,7 @@ async def test_names_unique_per_owner_and_kind_case_insensitively(db: Database) 
         await add_asset(session, _new(ALICE, "Pixel_Art"))
         await add_asset(session, _new(BOB, "pixel_art"))  # another owner: fine
         await add_asset(session, _new(ALICE, "pixel_art", kind=AssetKind.EMBEDDING))  # another kind: fine
-    with pytest.raises(InvalidRequestError, match="already have a lora called pixel_art"):
+    with pytest.raises(InvalidRequestError, match="already have a LoRA called pixel_art"):
         async with db.sessions.begin() as session:
             await add_asset(session, _new(ALICE, "pixel_art"))
     async with db.sessions() as session:
@@ -130,7 +130,7 @@ async def test_remove_rename_share_only_own(db: Database) -> None:
         first = await add_asset(session, _new(ALICE, "one"))
         await add_asset(session, _new(ALICE, "copy", sha256=first.sha256))
         await add_asset(session, _new(ALICE, "two"))
-    with pytest.raises(NotFoundError, match="You have no lora called one"):
+    with pytest.raises(NotFoundError, match="You have no LoRA called one"):
         async with db.sessions.begin() as session:
             await remove_asset(session, owner_id=BOB, kind=AssetKind.LORA, name="one")
     async with db.sessions.begin() as session:
@@ -139,7 +139,7 @@ async def test_remove_rename_share_only_own(db: Database) -> None:
         )  # bytes shared
         orphan = await remove_asset(session, owner_id=ALICE, kind=AssetKind.LORA, name="copy")
         assert orphan == first.sha256
-    with pytest.raises(InvalidRequestError, match="already have a lora called TWO"):
+    with pytest.raises(InvalidRequestError, match="already have a LoRA called TWO"):
         async with db.sessions.begin() as session:
             await add_asset(session, _new(ALICE, "three"))
             await rename_asset(session, owner_id=ALICE, kind=AssetKind.LORA, name="three", new_name="TWO")
