@@ -1,7 +1,8 @@
 """Which of the user's adapters a job uses: ``<lora:...>``/``<hypernet:...>`` tags, embedding words, the VAE.
 
 Resolution happens before the job is stored, so a prompt naming a LoRA nobody shared with this user, one for
-another family, or an unknown VAE is refused with one sentence and nothing is recorded; the stored spec then
+another family or made for another model (``details["model"]``, see :mod:`models.adapters.targets`), or an
+unknown VAE is refused with one sentence and nothing is recorded; the stored spec then
 names the exact bytes (sha256) each adapter ran with.
 
 Tags are taken from the prompt and the negative prompt (the webui reads both since 1.6); the same LoRA
@@ -19,11 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from models.adapters.base import KIND_LABELS, wrong_family
 from models.adapters.embeddings import embedding_names_in
-from models.families import Family
+from models.adapters.targets import ModelTarget, adapter_fits, canonical_target, model_of
+from models.families import Family, family_info
 from pipelines.jobs import AdapterRef, JobKind, JobSpec, Limits
 from pipelines.prompts import Network, extract_networks
 from storage.assets import find_usable_asset, list_usable_assets
-from storage.errors import InvalidRequestError, NotFoundError
+from storage.errors import IncompatibleAssetError, InvalidRequestError, NotFoundError
 from storage.tables import Asset, AssetKind
 
 __all__ = ["resolve_adapters", "strip_networks"]
@@ -39,14 +41,30 @@ def strip_networks(text: str) -> str:
     return extract_networks(text)[0]
 
 
-def _check_family(asset: Asset, family: Family) -> None:
-    if asset.family != family:
+def _check_family(asset: Asset, target: ModelTarget) -> None:
+    """Refuse an adapter for another family, or one that does not fit the job's model (see
+    :func:`~models.adapters.targets.adapter_fits`), in one sentence naming both."""
+    label = KIND_LABELS[asset.kind]
+    if asset.family != target.family:
         try:
-            raise wrong_family(asset.kind, Family(asset.family), family)
+            raise wrong_family(asset.kind, Family(asset.family), target.family)
         except ValueError:  # a family we no longer serve
-            raise InvalidRequestError(
-                f"The {KIND_LABELS[asset.kind]} {asset.name} does not fit this server's model."
-            ) from None
+            raise InvalidRequestError(f"The {label} {asset.name} does not fit this server's model.") from None
+    if adapter_fits(asset.kind, asset.details, target):
+        return
+    model = model_of(asset.details)
+    if model is not None:
+        raise IncompatibleAssetError(
+            f"The {label} {asset.name} was made for the {model} model; choose that model or another {label}."
+        )
+    raise IncompatibleAssetError(
+        f"The {label} {asset.name} was made for {family_info(target.family).label} models and does not fit "
+        f"{target.label}; choose another model or {label}."
+    )
+
+
+def _as_target(model: ModelTarget | Family) -> ModelTarget:
+    return model if isinstance(model, ModelTarget) else canonical_target(Family(model))
 
 
 def _ref(asset: Asset, weight: float = 1.0, te: float | None = None, unet: float | None = None) -> AdapterRef:
@@ -62,7 +80,9 @@ def _ref(asset: Asset, weight: float = 1.0, te: float | None = None, unet: float
     )
 
 
-async def _require(session: AsyncSession, spec: JobSpec, kind: AssetKind, name: str, family: Family) -> Asset:
+async def _require(
+    session: AsyncSession, spec: JobSpec, kind: AssetKind, name: str, target: ModelTarget
+) -> Asset:
     asset = await find_usable_asset(
         session, user_id=spec.user_id, guild_id=spec.guild_id, kind=kind, name=name
     )
@@ -72,7 +92,7 @@ async def _require(session: AsyncSession, spec: JobSpec, kind: AssetKind, name: 
             f"There is no {label} called {name} that you can use here; "
             f"check the name with {_COMMANDS[kind]} list or upload it."
         )
-    _check_family(asset, family)
+    _check_family(asset, target)
     return asset
 
 
@@ -102,27 +122,37 @@ def _check_weight(net: Network, limits: Limits) -> None:
         )
 
 
-async def resolve_adapters(session: AsyncSession, spec: JobSpec, family: Family, limits: Limits) -> JobSpec:
-    """Fill ``spec.adapters`` from its prompts and ``vae`` option, checking access and family.
+async def resolve_adapters(
+    session: AsyncSession, spec: JobSpec, model: ModelTarget | Family, limits: Limits
+) -> JobSpec:
+    """Fill ``spec.adapters`` from its prompts and ``vae`` option, checking access and fit.
+
+    Args:
+        session: A database session.
+        spec: The job.
+        model: The job model's target (:func:`~models.adapters.targets.model_target`); a family stands
+            for its canonical shapes.
+        limits: The server's limits.
 
     Raises:
         NotFoundError: a named adapter does not exist or is not visible to this user here.
-        IncompatibleAssetError: an adapter is for another model family.
+        IncompatibleAssetError: an adapter is for another model family, or made for another model.
         InvalidRequestError: too many adapters, a weight out of range, or adapters on an upscale job.
     """
+    target = _as_target(model)
     (_, positive), (_, negative) = extract_networks(spec.prompt), extract_networks(spec.negative_prompt)
     networks = _merge([*positive, *negative])
     refs: list[AdapterRef] = []
     for net in networks:
         _check_weight(net, limits)
-        asset = await _require(session, spec, _TAG_KINDS[net.type], net.name, family)
+        asset = await _require(session, spec, _TAG_KINDS[net.type], net.name, target)
         if net.type == "lora":
             refs.append(_ref(asset, net.weight, net.te_weight, net.unet_weight))
         else:
             refs.append(_ref(asset, net.weight))
-    refs.extend(await _embeddings(session, spec, family))
+    refs.extend(await _embeddings(session, spec, target))
     if spec.vae:
-        refs.append(_ref(await _require(session, spec, AssetKind.VAE, spec.vae, family)))
+        refs.append(_ref(await _require(session, spec, AssetKind.VAE, spec.vae, target)))
     no_diffusion = spec.kind == JobKind.upscale or (spec.kind == JobKind.erase and not spec.erase_denoise)
     if refs and no_diffusion:
         raise InvalidRequestError(
@@ -137,16 +167,22 @@ async def resolve_adapters(session: AsyncSession, spec: JobSpec, family: Family,
     return replace(spec, adapters=tuple(refs))
 
 
-async def _embeddings(session: AsyncSession, spec: JobSpec, family: Family) -> list[AdapterRef]:
-    """The usable embeddings of this family whose names occur in either prompt (the user's own first)."""
+async def _embeddings(session: AsyncSession, spec: JobSpec, target: ModelTarget) -> list[AdapterRef]:
+    """The usable embeddings that fit the job's model whose names occur in either prompt (the user's own
+    first); one made for another model is plain text here."""
     text = f"{strip_networks(spec.prompt)}\n{strip_networks(spec.negative_prompt)}"
     if not text.strip():
         return []
     rows = await list_usable_assets(
-        session, user_id=spec.user_id, guild_id=spec.guild_id, kind=AssetKind.EMBEDDING, family=str(family)
+        session,
+        user_id=spec.user_id,
+        guild_id=spec.guild_id,
+        kind=AssetKind.EMBEDDING,
+        family=str(target.family),
     )
     by_name: dict[str, Asset] = {}
     for row in rows:  # preference order within a name: own, guild, public
-        by_name.setdefault(row.name.lower(), row)
+        if adapter_fits(AssetKind.EMBEDDING, row.details, target):
+            by_name.setdefault(row.name.lower(), row)
     used = embedding_names_in(text, [row.name for row in by_name.values()])
     return [_ref(by_name[name.lower()]) for name in used]

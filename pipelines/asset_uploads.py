@@ -64,11 +64,11 @@ async def add_asset_file(
 
     Raises:
         InvalidRequestError: A bad name, a name the owner already uses, or a file that is refused
-            (unreadable, too large, not an adapter, for another family).
+            (unreadable, too large, not an adapter, for another family, fitting none of the served models).
     """
     name = check_asset_name(name)
     checked = await asyncio.to_thread(
-        check_asset, path, kind=kind, families=engine.served_families(), caps=engine.asset_caps
+        check_asset, path, kind=kind, targets=engine.served_targets(), caps=engine.asset_caps
     )
     kind = checked.info.kind
     was_stored = engine.files.exists(checked.sha256)

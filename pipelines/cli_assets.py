@@ -48,7 +48,8 @@ def add_asset_commands(sub: Any, parser_class: Any, check_handler: Any, assets_h
 def run_check_asset(args: argparse.Namespace) -> int:
     """Exit 0 with ``{"ok": true, ...}`` for a recognised file, 1 with ``{"ok": false, "error"}`` if not."""
     from models.adapters.inspect import asset_caps, check_asset
-    from pipelines.settings import build_registry, load_settings, served_families
+    from models.adapters.targets import served_targets
+    from pipelines.settings import build_registry, load_settings
 
     settings = load_settings()
     try:
@@ -57,7 +58,7 @@ def run_check_asset(args: argparse.Namespace) -> int:
         checked = check_asset(
             args.path,
             kind=AssetKind(args.kind) if args.kind else None,
-            families=served_families(build_registry(settings)),
+            targets=served_targets(build_registry(settings)),
             caps=asset_caps(settings.asset_max_mb),
         )
     except BotError as exc:

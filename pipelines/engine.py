@@ -17,6 +17,7 @@ from types import TracebackType
 
 from models.adapters.inspect import asset_caps
 from models.adapters.runtime import ActiveAdapter, AdapterRuntime
+from models.adapters.targets import ModelTarget, model_target, served_targets
 from models.cache import PipelineCache, choose_device
 from models.extras import PLAIN_UPSCALERS
 from models.families import Family, family_info
@@ -178,10 +179,18 @@ class Engine:
         """Families of the models users can pick (the default model's first); uploads must fit one."""
         return served_families(self.registry)
 
+    def served_targets(self) -> list[ModelTarget]:
+        """The shapes uploads are checked against (the default model's first): see ``served_targets``."""
+        return served_targets(self.registry)
+
+    def target_of(self, model: str | None) -> ModelTarget:
+        """The shapes a job on ``model`` applies adapters to (``shapes-inpaint`` shares ``shapes``')."""
+        return model_target(self.registry, model)
+
     async def resolve_adapters(self, spec: JobSpec) -> JobSpec:
-        """Name the stored adapters the job's prompts and ``vae`` option use (checks access and family)."""
+        """Name the stored adapters the job's prompts and ``vae`` option use (checks access and fit)."""
         async with self.db.sessions() as session:
-            return await resolve_adapters(session, spec, self.family_of(spec.model), self.limits)
+            return await resolve_adapters(session, spec, self.target_of(spec.model), self.limits)
 
     def _resolve_extras(self, spec: JobSpec, family: Family) -> JobSpec:
         """Name the ControlNets and upscaler the job will use, so the stored spec is complete."""

@@ -122,6 +122,7 @@ def served_families(registry: ModelRegistry) -> list[Family]:
     """Families of the models users can pick, the default model's first (uploads must fit one of them).
 
     The tiny random-weight plumbing models do not count; hub models not yet fetched count as SD 1.5.
+    Uploads are checked against shapes, not only families: see ``models.adapters.targets.served_targets``.
     """
     default = registry.require(None).family or Family.sd15
     others = {e.family for e in registry.list() if e.family is not None and not e.built_on_demand}

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from models.adapters.base import AssetInfo, wrong_family
+from models.adapters.targets import ModelTarget, model_details, target_for_text_widths
 from models.families import Family
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
@@ -141,30 +142,40 @@ def _parse(obj: object, metadata: Mapping[str, str]) -> _Parsed | None:
     return _Parsed("diffusers", {"single": vectors}, token=key)
 
 
-def _file_family(parsed: _Parsed) -> Family:
-    """The family the widths fit, or a one-sentence refusal."""
+def _file_family(parsed: _Parsed, targets: Sequence[ModelTarget]) -> tuple[Family, ModelTarget | None]:
+    """The family the widths fit (SD 1.5's or SDXL's, else a custom target's), or a one-sentence refusal."""
     widths = parsed.widths
+    ordered = (widths["single"],) if "single" in widths else (widths["clip_l"], widths["clip_g"])
+    if ordered in ((_SD15_WIDTH,), (_SD15_WIDTH, _SDXL_G_WIDTH)):
+        return (Family.sd15 if len(ordered) == 1 else Family.sdxl), None
+    custom = target_for_text_widths(targets, ordered)
+    if custom is not None:
+        return custom.family, custom
     if "single" not in widths:
-        if widths == {"clip_l": _SD15_WIDTH, "clip_g": _SDXL_G_WIDTH}:
-            return Family.sdxl
         raise _refuse(
             f"an SDXL embedding has 768- and 1280-wide halves, this one {widths['clip_l']} and "
             f"{widths['clip_g']}"
         )
-    width = widths["single"]
-    if width == _SD15_WIDTH:
-        return Family.sd15
-    if width == _SD2_WIDTH:
+    if ordered == (_SD2_WIDTH,):
         raise InvalidRequestError(_SD2_MESSAGE)
-    raise _refuse(f"its vectors are {width} wide, which fits neither SD 1.5 (768) nor SDXL")
+    if any(not t.canonical for t in targets):
+        raise _refuse(f"its vectors are {ordered[0]} wide, which fits none of this server's models")
+    raise _refuse(f"its vectors are {ordered[0]} wide, which fits neither SD 1.5 (768) nor SDXL")
 
 
-def inspect_embedding(tensors_or_obj: object, metadata: Mapping[str, str] | None = None) -> AssetInfo | None:
+def inspect_embedding(
+    tensors_or_obj: object,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    targets: Sequence[ModelTarget] = (),
+) -> AssetInfo | None:
     """Recognise a textual-inversion embedding and the family its widths fit.
 
     Args:
         tensors_or_obj: A safetensors file's tensors, or the object of a torch pickle (webui ``.pt``).
         metadata: The safetensors ``__metadata__`` (may name the embedding), if any.
+        targets: Model targets tried after SD 1.5's and SDXL's widths: vectors as wide as a custom target's
+            text encoder(s) are reported as made for that model (details ``model``, ``model_key``).
 
     Returns:
         The info (details: ``vectors``, ``width`` or ``widths``, and ``token``/``name``/``step`` when the
@@ -176,7 +187,7 @@ def inspect_embedding(tensors_or_obj: object, metadata: Mapping[str, str] | None
     parsed = _parse(tensors_or_obj, metadata or {})
     if parsed is None:
         return None
-    family = _file_family(parsed)
+    family, custom = _file_family(parsed, targets)
     details: dict[str, Any] = {"vectors": parsed.count}
     widths = parsed.widths
     if "single" in widths:
@@ -187,6 +198,7 @@ def inspect_embedding(tensors_or_obj: object, metadata: Mapping[str, str] | None
         value = getattr(parsed, key)
         if value is not None:
             details[key] = value
+    details.update(model_details(custom))
     return AssetInfo(kind=AssetKind.EMBEDDING, format=parsed.format, family=family, details=details)
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.adapters.base import AssetInfo
+from models.adapters.targets import ModelTarget, model_details, target_for_attention_widths
 from models.families import Family
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
@@ -256,21 +257,36 @@ def _parse(obj: object) -> tuple[HypernetworkSpec, dict[int, list[dict[str, torc
     return spec, layers
 
 
-def _family(widths: Sequence[int]) -> Family:
+def _family(widths: Sequence[int], targets: Sequence[ModelTarget]) -> tuple[Family, ModelTarget | None]:
+    if set(widths) <= _SD15_WIDTHS:
+        return Family.sd15, None
+    custom = target_for_attention_widths(targets, widths)
+    if custom is not None:
+        return custom.family, custom
     if 1024 in widths:
         raise InvalidRequestError(
             "This hypernetwork is for SD 2.x (1024-wide context); this server runs SD 1.5 and SDXL only."
         )
     if 2048 in widths:
         raise InvalidRequestError("This hypernetwork is for SDXL; only SD 1.5 hypernetworks are supported.")
-    odd = sorted(set(widths) - _SD15_WIDTHS)
-    if odd:
-        raise _refuse(f"it has layers of width {odd[0]}, which no SD 1.5 attention layer has")
-    return Family.sd15
+    customs = [t.attention_widths for t in targets if not t.canonical and t.family == Family.sd15]
+    odd = sorted(set(widths) - _SD15_WIDTHS.union(*customs))
+    if not odd:
+        raise _refuse("its layers' widths are those of different models, not of one")
+    if customs:
+        where = "of this server's models"
+        raise _refuse(f"it has layers of width {odd[0]}, which no attention layer {where} has")
+    raise _refuse(f"it has layers of width {odd[0]}, which no SD 1.5 attention layer has")
 
 
-def inspect_hypernetwork(obj: object) -> AssetInfo | None:
+def inspect_hypernetwork(obj: object, *, targets: Sequence[ModelTarget] = ()) -> AssetInfo | None:
     """Recognise a webui hypernetwork (the object of its torch pickle) and check it in full.
+
+    Args:
+        obj: The object of the file's torch pickle.
+        targets: Model targets tried after SD 1.5's widths: widths that are all context widths of a custom
+            SD 1.5-family target's attention layers are reported as made for that model (details ``model``,
+            ``model_key``).
 
     Returns:
         The info (details: ``widths``, ``layer_structure``, ``activation``, ``layer_norm``,
@@ -278,16 +294,18 @@ def inspect_hypernetwork(obj: object) -> AssetInfo | None:
         a hypernetwork (no layers keyed by width).
 
     Raises:
-        InvalidRequestError: Malformed settings or layers, or made for SD 2.x or SDXL.
+        InvalidRequestError: Malformed settings or layers, or made for SD 2.x, SDXL or no served model.
     """
     if not isinstance(obj, Mapping) or not _widths(obj):
         return None
-    family = _family(_widths(obj))  # before the layers: the most useful sentence for an SD 2.x/SDXL file
+    # before the layers: the most useful sentence for an SD 2.x/SDXL file
+    family, custom = _family(_widths(obj), targets)
     parsed = _parse(obj)
     assert parsed is not None
     spec, layers = parsed
     details: dict[str, Any] = {"widths": sorted(layers), **spec.to_json()}
     details.update({k: v for k, v in _name_step(obj).items() if v is not None})
+    details.update(model_details(custom))
     return AssetInfo(kind=AssetKind.HYPERNETWORK, format="webui", family=family, details=details)
 
 

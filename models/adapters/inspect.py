@@ -3,7 +3,9 @@
 This is what ``dreamcord check-asset``, ``dreamcord assets add`` and the bot's uploads call. The file's
 format is sniffed from its bytes (never its extension), it is read only through
 :mod:`models.adapters.safe_files` (nothing in it can run), and then offered to each kind in turn —
-embedding, hypernetwork, LoRA, VAE — unless the caller names the kind.
+embedding, hypernetwork, LoRA, VAE — unless the caller names the kind. Each kind checks the file against
+the served models' shapes (:mod:`models.adapters.targets`): the canonical SD 1.5 / SDXL ones first, then
+those of models with shapes of their own, such as the built-in ``shapes`` model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from models.adapters.safe_files import (
     read_safetensors_header,
     sniff_format,
 )
+from models.adapters.targets import ModelTarget, canonical_target, model_details
 from models.adapters.vae import inspect_vae
 from models.families import Family
 from storage.errors import InvalidRequestError
@@ -134,17 +137,36 @@ def read_adapter_file(path: Path, *, max_bytes: int) -> FileContents:
     )
 
 
-def _ask(kind: AssetKind, contents: FileContents, family: Family) -> AssetInfo | None:
+def _ask(kind: AssetKind, contents: FileContents, targets: Sequence[ModelTarget]) -> AssetInfo | None:
     """One kind's verdict: None when the file is not of that kind."""
     if kind == AssetKind.EMBEDDING:
-        return inspect_embedding(contents.obj, contents.metadata)
+        return inspect_embedding(contents.obj, contents.metadata, targets=targets)
     if kind == AssetKind.HYPERNETWORK:
-        return inspect_hypernetwork(contents.obj) if contents.format == "pickle" else None
+        return inspect_hypernetwork(contents.obj, targets=targets) if contents.format == "pickle" else None
     if contents.tensors is None:
         return None
     if kind == AssetKind.LORA:
-        return inspect_lora(contents.tensors, contents.metadata)
-    return inspect_vae(contents.tensors, contents.metadata, family=family)
+        return inspect_lora(contents.tensors, contents.metadata, targets=targets)
+    return _ask_vae(contents.tensors, contents.metadata, targets)
+
+
+def _ask_vae(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], targets: Sequence[ModelTarget]
+) -> AssetInfo | None:
+    """A VAE file says nothing of its family: check it against each target's VAE, canonical ones first;
+    when none fits, the default model's refusal."""
+    refusals: dict[str, InvalidRequestError] = {}
+    for target in sorted(targets, key=lambda t: not t.canonical):
+        label = None if target.canonical else f"{target.name} model's"
+        try:
+            info = inspect_vae(tensors, metadata, family=target.family, config=target.vae, label=label)
+        except InvalidRequestError as exc:
+            refusals.setdefault(target.key, exc)
+            continue
+        if info is None:
+            return None
+        return replace(info, details={**info.details, **model_details(target)})
+    raise refusals[targets[0].key]
 
 
 def _short_hash(kind: AssetKind, path: Path, sha256: str) -> str:
@@ -155,16 +177,10 @@ def _short_hash(kind: AssetKind, path: Path, sha256: str) -> str:
 
 
 def _recognise(
-    contents: FileContents, kinds: Sequence[AssetKind], families: Sequence[Family]
+    contents: FileContents, kinds: Sequence[AssetKind], targets: Sequence[ModelTarget]
 ) -> AssetInfo | None:
     for kind in kinds:
-        if kind == AssetKind.VAE:  # a VAE's shapes are the same for SD 1.x and SDXL: ask per family
-            for family in families:
-                info = _ask(kind, contents, family)
-                if info is not None:
-                    return info
-            continue
-        info = _ask(kind, contents, families[0])
+        info = _ask(kind, contents, targets)
         if info is not None:
             return info
     return None
@@ -174,21 +190,33 @@ def check_asset(
     path: Path,
     *,
     kind: AssetKind | None = None,
-    families: Sequence[Family] = (Family.sd15,),
+    targets: Sequence[ModelTarget] | None = None,
+    families: Sequence[Family] | None = None,
     caps: Mapping[AssetKind, int] | None = None,
 ) -> CheckedAsset:
-    """Recognise an adapter file and check it fits one of ``families`` (the first is the server's default).
+    """Recognise an adapter file and check it fits one of ``targets`` (the first is the server's default).
+
+    A file is checked against the canonical SD 1.5 / SDXL shapes first, then against each custom target
+    (a served model with shapes of its own, such as ``shapes``); a file that fits only a custom target is
+    reported with ``details["model"]`` naming that model.
 
     Args:
         path: The file (untrusted).
         kind: Only consider this kind; None tries every adapter kind.
-        families: The families the server's models belong to.
+        targets: The served models' targets (:func:`~models.adapters.targets.served_targets`).
+        families: Instead of ``targets``: the served families, each as its canonical target (default, SD 1.5).
         caps: Largest file per kind in bytes (:func:`asset_caps`).
 
     Raises:
         InvalidRequestError: One sentence: unreadable, too large, not an adapter (of ``kind``), broken, or
-            for another family (:class:`~storage.errors.IncompatibleAssetError`).
+            for another family or model (:class:`~storage.errors.IncompatibleAssetError`).
     """
+    if targets is None:
+        targets = [canonical_target(f) for f in (families or (Family.sd15,))]
+    elif families is not None:
+        raise TypeError("pass either targets or families")
+    if not targets:
+        raise ValueError("check_asset needs at least one model target")
     caps = dict(caps or asset_caps())
     kinds = (kind,) if kind is not None else ADAPTER_KINDS
     if kind is not None and kind not in ADAPTER_KINDS:
@@ -197,7 +225,7 @@ def check_asset(
         )
     size = path.stat().st_size
     contents = read_adapter_file(path, max_bytes=max(caps[k] for k in kinds))
-    info = _recognise(contents, kinds, families)
+    info = _recognise(contents, kinds, targets)
     if info is None:
         if kind is not None:
             raise InvalidRequestError(
@@ -212,8 +240,8 @@ def check_asset(
             f"This {KIND_LABELS[info.kind]} is larger than the {caps[info.kind] // 2**20} MB limit "
             "for its kind; upload a smaller file."
         )
-    if info.family not in families:
-        raise wrong_family(info.kind, info.family, families[0])
+    if all(info.family != t.family for t in targets):
+        raise wrong_family(info.kind, info.family, targets[0].family)
     sha = sha256_file(path)
     log.info("recognised %s as %s", sha[:12], info.describe())
     return CheckedAsset(info=info, sha256=sha, short_hash=_short_hash(info.kind, path, sha), size=size)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ from models.adapters.lora_formats import (
     parse_lora_keys,
     resolve_layers,
 )
-from models.adapters.lora_layers import LayerTarget, layer_table
+from models.adapters.lora_layers import LayerTarget, layer_table, layer_table_for
 from models.adapters.safe_files import SafetensorsHeader, sniff_format
+from models.adapters.targets import ModelTarget, model_details
 from models.families import Family
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
@@ -53,7 +54,7 @@ BROKEN_MESSAGE = (
     "upload a complete copy."
 )
 NO_FIT_MESSAGE = (
-    "This LoRA's layer shapes fit neither SD 1.5 nor SDXL; upload a LoRA made for one of those models."
+    "This LoRA fits none of this server's models; it was made for a model with other layer sizes."
 )
 SD2_MESSAGE = (
     "This LoRA is for SD 2.x, which this server does not run; upload a LoRA made for SD 1.5 or SDXL."
@@ -100,8 +101,12 @@ def _family_hint(parsed: ParsedLora, metadata: Mapping[str, str]) -> Family:
 
 
 def _decide_family(
-    parsed: ParsedLora, dims: Mapping[LayerId, LayerDims], metadata: Mapping[str, str]
-) -> tuple[Family, dict[LayerId, LayerTarget]]:
+    parsed: ParsedLora,
+    dims: Mapping[LayerId, LayerDims],
+    metadata: Mapping[str, str],
+    targets: Sequence[ModelTarget],
+) -> tuple[Family, dict[LayerId, LayerTarget], ModelTarget | None]:
+    """The family the layers fit (canonical shapes first, then each custom target), and the custom target."""
     if _metadata_says_sd2(metadata):
         raise InvalidRequestError(SD2_MESSAGE)
     fits = {
@@ -109,12 +114,18 @@ def _decide_family(
         for family in Family
         if (resolved := resolve_layers(parsed, dims, layer_table(family))) is not None
     }
-    if not fits:
-        raise InvalidRequestError(SD2_MESSAGE if _looks_sd2(dims) else NO_FIT_MESSAGE)
     if len(fits) == 1:
-        return next(iter(fits.items()))
-    family = _family_hint(parsed, metadata)
-    return family, fits[family]
+        family, resolved = next(iter(fits.items()))
+        return family, resolved, None
+    if fits:
+        family = _family_hint(parsed, metadata)
+        return family, fits[family], None
+    for target in targets:
+        if not target.canonical:
+            custom = resolve_layers(parsed, dims, layer_table_for(target))
+            if custom is not None:
+                return target.family, custom, target
+    raise InvalidRequestError(SD2_MESSAGE if _looks_sd2(dims) else NO_FIT_MESSAGE)
 
 
 def _format_label(parsed: ParsedLora) -> str:
@@ -173,6 +184,7 @@ def inspect_lora(
     metadata: Mapping[str, str] | None = None,
     *,
     expected: Family | str | None = None,
+    targets: Sequence[ModelTarget] = (),
 ) -> AssetInfo | None:
     """Recognise a LoRA from tensor names and shapes.
 
@@ -181,15 +193,17 @@ def inspect_lora(
             tensor (a loaded state dict; alpha values are then read too); or a whole ``SafetensorsHeader``.
         metadata: The file's ``__metadata__`` strings (defaults to the header's).
         expected: The server's family; a file for another family is refused.
+        targets: Model targets tried after the canonical SD 1.5 and SDXL shapes: a file that fits only a
+            custom one (see :mod:`models.adapters.targets`) is reported as made for that model.
 
     Returns:
         What the file is (kind LoRA, format, family, details: ``layers``, ``parts``, ``rank``, ``max_rank``,
-        ``alpha``, ``applicable`` and training metadata where present); ``None`` if no tensor name belongs to
-        any LoRA layout.
+        ``alpha``, ``applicable`` and training metadata where present, and ``model``/``model_key`` for a
+        custom target's file); ``None`` if no tensor name belongs to any LoRA layout.
 
     Raises:
-        InvalidRequestError: A LoRA that is broken, for SD 2.x, fits no layer of SD 1.5 or SDXL, holds foreign
-            weights, or (with ``expected``) is for the other family.
+        InvalidRequestError: A LoRA that is broken, for SD 2.x, fits no layer of SD 1.5, SDXL or a custom
+            target, holds foreign weights, or (with ``expected``) is for the other family.
     """
     if isinstance(tensors, SafetensorsHeader):
         metadata = tensors.metadata if metadata is None else metadata
@@ -207,12 +221,12 @@ def inspect_lora(
     except ShapeError as exc:
         log.info("broken LoRA layer: %s", exc)
         raise InvalidRequestError(BROKEN_MESSAGE) from None
-    family, resolved = _decide_family(parsed, dims, metadata)
+    family, resolved, custom = _decide_family(parsed, dims, metadata, targets)
     info = AssetInfo(
         kind=AssetKind.LORA,
         format=_format_label(parsed),
         family=family,
-        details=_details(parsed, dims, resolved, tensors, metadata),
+        details={**_details(parsed, dims, resolved, tensors, metadata), **model_details(custom)},
     )
     if expected is not None and family != Family(expected):
         raise wrong_family(AssetKind.LORA, family, Family(expected))

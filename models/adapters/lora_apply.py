@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from models.adapters.base import AssetInfo, wrong_family
 from models.adapters.lora_formats import parse_lora_keys, resolve_for
 from models.adapters.lora_layers import LayerTarget
+from models.adapters.targets import ModelTarget, pipeline_target
 from models.families import Family
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
@@ -175,18 +177,26 @@ def _delta_rank(algo: str, factors: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def prepare_lora(
-    state_dict: Mapping[str, torch.Tensor], family: Family, metadata: Mapping[str, str] | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    model: Family | ModelTarget,
+    metadata: Mapping[str, str] | None = None,
 ) -> PreparedLora:
-    """Convert a LoRA state dict of any recognised layout for application on ``family``.
+    """Convert a LoRA state dict of any recognised layout for application on a model.
+
+    Args:
+        state_dict: The file's tensors.
+        model: The model's shapes: a family (its canonical shapes) or a model target, e.g. the live
+            pipeline's (:func:`~models.adapters.targets.pipeline_target`).
+        metadata: The file's metadata (a PEFT alpha, see ``peft_config_metadata``).
 
     Raises:
-        InvalidRequestError: Not a LoRA, not for ``family``, or holding layers we cannot apply.
+        InvalidRequestError: Not a LoRA, not for ``model``, or holding layers we cannot apply.
     """
     parsed = parse_lora_keys(list(state_dict))
     resolved = (
         None
         if parsed is None
-        else resolve_for(parsed, {k: tuple(v.shape) for k, v in state_dict.items()}, family)
+        else resolve_for(parsed, {k: tuple(v.shape) for k, v in state_dict.items()}, model)
     )
     if parsed is None or resolved is None:
         raise InvalidRequestError(_MISFIT_MESSAGE)
@@ -233,13 +243,16 @@ class LoraSet:
 
     Owned by the worker thread. Up to ``max_resident`` files stay loaded (least recently used evicted), so
     alternating jobs with LoRA A, LoRA B and none load each file once. Pipelines made with ``from_pipe``
-    share the modules, so activating through the base pipeline affects them too.
+    share the modules, so activating through the base pipeline affects them too. Files are resolved against
+    the pipeline's own shapes (``target``, from its components' configs), so a LoRA made for a model such as
+    ``shapes`` applies to it just as an SD 1.5 LoRA applies to an SD 1.5 checkpoint.
     """
 
     def __init__(self, pipe: Any, *, max_resident: int = 4) -> None:
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
-        self.family = pipeline_family(pipe)
+        self.target = pipeline_target(pipe)  # layers are resolved against the live model's own shapes
+        self.family = self.target.family
         self.max_resident = max_resident
         self._components: dict[str, torch.nn.Module] = {
             name: getattr(pipe, name) for name in _COMPONENTS if getattr(pipe, name, None) is not None
@@ -341,7 +354,7 @@ class LoraSet:
             self._resident.move_to_end(lora.key)
             return resident
         self._evict(pipe, protect)
-        prepared = prepare_lora(lora.state_dict, self.family, lora.metadata)
+        prepared = prepare_lora(lora.state_dict, self.target, lora.metadata)
         for layer in prepared.deltas:
             self._live(layer.target)
         resident = _Resident(_adapter_name(lora.key), prepared.peft_components, prepared.deltas)
@@ -370,7 +383,10 @@ class LoraSet:
             state[f"{prefix}.{up}.weight"] = layer.lora_b.to(weight.device, weight.dtype, copy=True)
         self._peft_enabled = True  # a new adapter starts switched on: deactivate must switch it off
         try:
-            pipe.load_lora_weights(state, adapter_name=name)
+            with warnings.catch_warnings():
+                # peft warns whenever a second adapter joins a model; several resident LoRAs are the design.
+                warnings.filterwarnings("ignore", "Already found a `peft_config` attribute", UserWarning)
+                pipe.load_lora_weights(state, adapter_name=name)
         except BaseException:
             if name in _loaded_adapters(pipe):
                 self._delete_adapters(pipe, [name])

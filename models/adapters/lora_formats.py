@@ -13,9 +13,16 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from models.adapters.lora_layers import TEXT_COMPONENTS, LayerTable, LayerTarget, layer_table
+from models.adapters.lora_layers import (
+    TEXT_COMPONENTS,
+    LayerTable,
+    LayerTarget,
+    layer_table,
+    layer_table_for,
+)
+from models.adapters.targets import ModelTarget
+from models.families import Family
 
 __all__ = [
     "LayerDims",
@@ -24,6 +31,7 @@ __all__ = [
     "ShapeError",
     "layer_dims",
     "parse_lora_keys",
+    "resolve_for",
     "resolve_layers",
 ]
 
@@ -360,11 +368,20 @@ def resolve_layers(
 
 
 def resolve_for(
-    parsed: ParsedLora, shapes: Mapping[str, Shape], family: Any
+    parsed: ParsedLora, shapes: Mapping[str, Shape], target: Family | ModelTarget | LayerTable
 ) -> dict[tuple[str | None, str], LayerTarget] | None:
-    """Every layer's target in ``family``'s model from shapes alone; ``None`` when it does not fit."""
+    """Every layer's target in a model from shapes alone; ``None`` when it does not fit.
+
+    ``target`` is a family (its canonical shapes), a model target or a layer table.
+    """
     try:
         dims = {layer_id: layer_dims(shapes, layer) for layer_id, layer in parsed.layers.items()}
     except ShapeError:
         return None
-    return resolve_layers(parsed, dims, layer_table(family))
+    if isinstance(target, ModelTarget):
+        table = layer_table_for(target)
+    elif isinstance(target, LayerTable):
+        table = target
+    else:
+        table = layer_table(Family(target))
+    return resolve_layers(parsed, dims, table)

@@ -1,7 +1,8 @@
 """The layers a LoRA may target in each family, with their real widths, under every name LoRA tools use.
 
-The tables are read off SD 1.5's and SDXL's own configs (``models/configs``) by building the UNet and text
-encoders on the meta device, which allocates nothing. Each Linear/Conv2d layer is listed once, as a
+The tables are read off a model target's configs (SD 1.5's and SDXL's own in ``models/configs`` for the
+canonical ones, a served model's for a custom one, see :mod:`models.adapters.targets`) by building the UNet
+and text encoders on the meta device, which allocates nothing. Each Linear/Conv2d layer is listed once, as a
 :class:`LayerTarget`, and can be found by its diffusers path or by a kohya name: diffusers-style
 (``lora_unet_down_blocks_0_...``, what kohya writes for SD 1.x) or SGM/LDM-style
 (``lora_unet_input_blocks_4_1_...``, what kohya writes for SDXL); text encoders as
@@ -20,14 +21,15 @@ from typing import Any
 
 import torch
 
+from models.adapters.targets import ModelTarget, canonical_target
 from models.families import Family
-from models.single_file import CONFIGS_DIR
 
 __all__ = [
     "TEXT_COMPONENTS",
     "LayerTable",
     "LayerTarget",
     "layer_table",
+    "layer_table_for",
     "sgm_unet_name",
 ]
 
@@ -113,19 +115,18 @@ def _targets(component: str, model: torch.nn.Module) -> Iterator[LayerTarget]:
             yield LayerTarget(component, name, module.in_channels, module.out_channels, kernel)
 
 
-def _meta_models(family: Family) -> dict[str, Any]:
-    """The family's UNet and text encoders on the meta device (shapes only, no memory)."""
+def _meta_models(target: ModelTarget) -> dict[str, Any]:
+    """The target's UNet and text encoders on the meta device (shapes only, no memory)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = CONFIGS_DIR / str(family)
     with torch.device("meta"):
         models: dict[str, Any] = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+            "unet": UNet2DConditionModel.from_config(dict(target.unet)),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(dict(target.text_encoder))),
         }
-        if (folder / "text_encoder_2").is_dir():
-            config_2 = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+        if target.text_encoder_2 is not None:
+            config_2 = CLIPTextConfig.from_dict(dict(target.text_encoder_2))
             models["text_encoder_2"] = CLIPTextModelWithProjection(config_2)
     return models
 
@@ -192,6 +193,7 @@ def _text_alias_path(module: str) -> str:
     return module if module.startswith("text_projection") else f"text_model.{module}"
 
 
+_CUSTOM_TABLES: dict[tuple[str, int], LayerTable] = {}
 _BLOCK_RE = re.compile(r"^(down_blocks|up_blocks|mid_block)\..*\.transformer_blocks\.\d+$")
 
 
@@ -203,8 +205,25 @@ def _attention_blocks(unet: torch.nn.Module) -> tuple[str, ...]:
 
 @functools.cache
 def layer_table(family: Family) -> LayerTable:
-    """The layer table of a family (built once per process, well under a second)."""
-    models = _meta_models(family)
+    """The layer table of a family's canonical shapes (built once per process, well under a second)."""
+    return _build_table(canonical_target(Family(family)))
+
+
+def layer_table_for(target: ModelTarget) -> LayerTable:
+    """The layer table of a model target: the family's own for a canonical one, else built from the
+    target's component configs (once per set of shapes and input channels)."""
+    if target.canonical:
+        return layer_table(target.family)
+    cache_key = (target.key, int(target.unet.get("in_channels", 4)))  # the key leaves in_channels out
+    table = _CUSTOM_TABLES.get(cache_key)
+    if table is None:
+        table = _CUSTOM_TABLES[cache_key] = _build_table(target)
+    return table
+
+
+def _build_table(target: ModelTarget) -> LayerTable:
+    family = target.family
+    models = _meta_models(target)
     text_prefix = _SDXL_KOHYA_TEXT_PREFIX if family == Family.sdxl else _KOHYA_TEXT_PREFIX
     modules: dict[tuple[str, str], LayerTarget] = {}
     aliases: dict[str, LayerTarget] = {}
@@ -218,5 +237,5 @@ def layer_table(family: Family) -> LayerTable:
             text_layers[component] = int(model.config.num_hidden_layers)
             prefix = text_prefix[component]
             aliases.update({_kohya(prefix, _text_alias_path(t.module)): t for t in targets})
-    log.debug("LoRA layer table for %s: %d layers, %d names", family, len(modules), len(aliases))
+    log.debug("LoRA layer table for %s: %d layers, %d names", target.name, len(modules), len(aliases))
     return LayerTable(family, modules, aliases, _attention_blocks(models["unet"]), text_layers)

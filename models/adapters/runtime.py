@@ -25,6 +25,7 @@ from models.adapters.embeddings import embedding_vectors, load_embeddings
 from models.adapters.hypernetwork import Hypernetwork, apply_hypernetworks, load_hypernetwork
 from models.adapters.inspect import DEFAULT_MAX_MB, FileContents, read_adapter_file
 from models.adapters.lora import ActiveLora, LoraSet, inspect_lora
+from models.adapters.targets import ModelTarget
 from models.adapters.vae import load_vae
 from models.cache import LoadedModel
 from models.families import Family
@@ -63,8 +64,9 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-def _lora_info(contents: FileContents) -> AssetInfo | None:
-    return inspect_lora(contents.tensors or {}, contents.metadata)
+def _lora_info(contents: FileContents, target: ModelTarget) -> AssetInfo | None:
+    # the live model's target: a file made for a model such as shapes is recognised on it
+    return inspect_lora(contents.tensors or {}, contents.metadata, targets=(target,))
 
 
 class AdapterRuntime:
@@ -158,12 +160,16 @@ class AdapterRuntime:
 
     @contextmanager
     def _loras(self, model: LoadedModel, adapters: Sequence[ActiveAdapter]) -> Iterator[None]:
+        lora_set = self.lora_set(model)
         active = []
         for adapter in adapters:
             contents = self._read(adapter)
             if contents.tensors is None:
                 raise InvalidRequestError(f"The LoRA {adapter.name} could not be read as weights.")
-            info = self._cached((adapter.sha256, "lora-info"), partial(_lora_info, contents))
+            info = self._cached(
+                (adapter.sha256, f"lora-info:{lora_set.target.key}"),
+                partial(_lora_info, contents, lora_set.target),
+            )
             if info is None:
                 raise InvalidRequestError(f"The file of LoRA {adapter.name} is not a LoRA; upload it again.")
             active.append(
@@ -177,7 +183,6 @@ class AdapterRuntime:
                     metadata=contents.metadata,
                 )
             )
-        lora_set = self.lora_set(model)
         lora_set.activate(model.base, active)
         try:
             yield

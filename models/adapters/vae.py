@@ -151,6 +151,7 @@ def inspect_vae(
     *,
     family: Family,
     config: Mapping[str, Any] | None = None,
+    label: str | None = None,
 ) -> AssetInfo | None:
     """Recognise a VAE and check every tensor's shape against the target pipeline's VAE.
 
@@ -158,7 +159,9 @@ def inspect_vae(
         tensors: The file's tensors.
         metadata: The safetensors ``__metadata__`` (unused: VAE files carry nothing we rely on).
         family: The family of the model it is meant for, reported as the VAE's family.
-        config: The target VAE's config (``pipe.vae.config``); default, the family's reference config.
+        config: The target VAE's config (``pipe.vae.config``, or a model target's ``vae``); default, the
+            family's reference config.
+        label: How refusals name the model (``the shapes model``); default, the family's label.
 
     Returns:
         The info (details: ``latent_channels``, ``tensors``, ``ignored`` training leftovers, ``dtype``), or
@@ -169,7 +172,7 @@ def inspect_vae(
             or extra weights.
     """
     config = config if config is not None else default_vae_config(family)
-    label = family_info(family).label
+    label = label or family_info(family).label
     normalized = _normalize(tensors, config, label)
     if normalized is None:
         return None

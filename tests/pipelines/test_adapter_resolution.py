@@ -7,12 +7,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from models.adapters.targets import ModelTarget, target_for_folder
 from models.families import Family
 from pipelines.adapters import resolve_adapters
+from pipelines.asset_uploads import add_asset_file
+from pipelines.engine import Engine
 from pipelines.jobs import LIMITS, AdapterRef, JobKind, JobSpec
 from pipelines.parameters import webui_parameters
 from pipelines.pnginfo import parse_parameters
+from pipelines.settings import Settings
 from storage.assets import NewAsset, add_asset
 from storage.db import Database, sqlite_url
 from storage.errors import IncompatibleAssetError, InvalidRequestError, NotFoundError
@@ -162,3 +167,114 @@ def test_parameters_name_adapters_as_the_webui() -> None:
     assert text.startswith("a cat <lora:pixel:0.8>, EasyNegative\n")  # tags stay in the prompt
     _, _, parsed = parse_parameters(text)
     assert parsed["Lora hashes"] == "pixel: 0123456789ab, ink: ba9876543210"
+
+
+# --- adapters made for a model with shapes of its own (the built-in shapes model) ---------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPES_DIR = REPO / "models" / "shapes" / "model"
+PURPLE = REPO / "models" / "shapes" / "loras" / "purple-circles.safetensors"
+
+
+@pytest.fixture(scope="module")
+def shapes_target() -> ModelTarget:
+    return target_for_folder("shapes", Family.sd15, SHAPES_DIR)
+
+
+@pytest.fixture
+async def shapes_db(tmp_path: Path, shapes_target: ModelTarget) -> AsyncIterator[Database]:
+    made_for_shapes = {"model": "shapes", "model_key": shapes_target.key}
+    async with Database(sqlite_url(tmp_path / "db.sqlite")) as database:
+        async with database.sessions.begin() as session:
+            for kind, name, details in [
+                (AssetKind.LORA, "purple-circles", made_for_shapes),
+                (AssetKind.EMBEDDING, "shapey", {**made_for_shapes, "width": 64, "vectors": 2}),
+                (AssetKind.EMBEDDING, "EasyNegative", {"width": 768, "vectors": 8}),
+                (AssetKind.HYPERNETWORK, "anime", {"widths": [320, 640, 768, 1280]}),
+                (AssetKind.HYPERNETWORK, "shapenet", {**made_for_shapes, "widths": [48, 64, 96]}),
+                (AssetKind.VAE, "clearvae", {"latent_channels": 4}),
+                (AssetKind.LORA, "pixel", {"rank": 4}),
+            ]:
+                await add_asset(session, _asset(ALICE, kind, name, details=details))
+        yield database
+
+
+async def _resolve_on(db: Database, target: ModelTarget | Family, prompt: str, **kw: object) -> JobSpec:
+    spec = JobSpec(prompt, user_id=ALICE, guild_id=GUILD, **kw)  # type: ignore[arg-type]
+    async with db.sessions() as session:
+        return await resolve_adapters(session, spec, target, LIMITS)
+
+
+async def test_adapters_made_for_shapes_resolve_on_its_jobs_only(
+    shapes_db: Database, shapes_target: ModelTarget
+) -> None:
+    prompt = "a red circle <lora:purple-circles:0.9> <hypernet:shapenet:0.5>, shapey, EasyNegative"
+    spec = await _resolve_on(shapes_db, shapes_target, prompt)
+    # EasyNegative (768-wide vectors) cannot go into the shapes model's 64-wide encoder: plain text there
+    assert [(r.kind, r.name) for r in spec.adapters] == [
+        ("lora", "purple-circles"),
+        ("hypernetwork", "shapenet"),
+        ("embedding", "shapey"),
+    ]
+    inpaint = target_for_folder("shapes-inpaint", Family.sd15, REPO / "models" / "shapes" / "inpaint")
+    assert (await _resolve_on(shapes_db, inpaint, prompt)).adapters == spec.adapters  # same shapes
+
+    with pytest.raises(IncompatibleAssetError) as refused:
+        await _resolve_on(shapes_db, Family.sd15, "a red circle <lora:purple-circles>")
+    assert str(refused.value) == (
+        "The LoRA purple-circles was made for the shapes model; choose that model or another LoRA."
+    )
+    with pytest.raises(IncompatibleAssetError, match="^The hypernetwork shapenet was made for the shapes"):
+        await _resolve_on(shapes_db, Family.sd15, "a red circle <hypernet:shapenet>")
+    on_sd15 = await _resolve_on(shapes_db, Family.sd15, "a red circle, shapey, EasyNegative")
+    assert [r.name for r in on_sd15.adapters] == ["EasyNegative"]
+
+
+async def test_family_adapters_that_cannot_fit_the_shapes_model_are_refused_by_name(
+    shapes_db: Database, shapes_target: ModelTarget
+) -> None:
+    with pytest.raises(IncompatibleAssetError) as refused:
+        await _resolve_on(shapes_db, shapes_target, "a red circle <hypernet:anime>")
+    assert str(refused.value) == (
+        "The hypernetwork anime was made for SD 1.5 models and does not fit the shapes model; "
+        "choose another model or hypernetwork."
+    )
+    with pytest.raises(IncompatibleAssetError, match="^The VAE clearvae was made for SD 1.5 models"):
+        await _resolve_on(shapes_db, shapes_target, "a red circle", vae="clearvae")
+    # a LoRA's layers are only known from its file: it is checked when the worker applies it
+    spec = await _resolve_on(shapes_db, shapes_target, "a red circle <lora:pixel>")
+    assert [r.name for r in spec.adapters] == ["pixel"]
+
+
+async def test_purple_circles_through_the_engine_on_the_default_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upload, resolve, apply for one job, restore: the product path on a server with no settings."""
+    import os
+
+    for key in [k for k in os.environ if k.startswith("DREAMCORD_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("DREAMCORD_CONFIG", str(tmp_path / "none.toml"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        async with Engine(Settings(data_dir=tmp_path / "data")) as engine:
+            added = await add_asset_file(
+                engine, PURPLE, name="purple-circles", owner_id=ALICE, guild_id=GUILD
+            )
+            assert added.checked.info.details["model"] == "shapes"
+            common: dict[str, object] = {"steps": 4, "seed": 5, "user_id": ALICE, "guild_id": GUILD}
+            before = await engine.generate(JobSpec("a red circle", **common))  # type: ignore[arg-type]
+            with_lora = await engine.generate(
+                JobSpec("a red circle <lora:purple-circles>", **common)  # type: ignore[arg-type]
+            )
+            after = await engine.generate(JobSpec("a red circle", **common))  # type: ignore[arg-type]
+            with pytest.raises(IncompatibleAssetError, match="made for the shapes model"):
+                await engine.generate(
+                    JobSpec("a red circle <lora:purple-circles>", model="tiny-sd15", **common)  # type: ignore[arg-type]
+                )
+    finally:
+        torch.set_num_threads(threads)
+    assert with_lora.images[0].sha256 != before.images[0].sha256
+    assert after.images[0].sha256 == before.images[0].sha256  # the very same PNG bytes
+    assert f'Lora hashes: "purple-circles: {added.checked.short_hash}"' in with_lora.images[0].parameters

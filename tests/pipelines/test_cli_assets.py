@@ -209,3 +209,16 @@ def test_refused_upload_stores_nothing(
     assert not files.exists() or not [p for p in files.rglob("*") if p.is_file() and ".tmp" not in p.parts]
     assert main(["assets", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_lora_made_for_the_shapes_model_is_recognised_for_it(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The committed purple-circles LoRA (its card: kohya, rank 8, alpha 4, 80 UNet attention modules)."""
+    lora = Path(__file__).resolve().parents[2] / "models" / "shapes" / "loras" / "purple-circles.safetensors"
+    code, report = _check(lora, capsys)
+    assert code == 0, report
+    assert (report["kind"], report["format"], report["family"]) == ("lora", "kohya", "sd15")
+    details = report["details"]
+    assert isinstance(details, dict)
+    assert (details["model"], details["rank"], details["alpha"], details["layers"]) == ("shapes", 8, 4.0, 80)
