@@ -75,6 +75,11 @@ def build_parser(extra: dict[str, tuple[str, Command]] | None = None) -> argpars
     p.add_argument("--repeats", type=int, default=15, help="timed pairs per size (shared machines are noisy)")
     p.add_argument("--sizes", default="64,256", help="comma-separated square sizes")
     p.add_argument("--json", action="store_true", help="(always JSON; accepted for symmetry)")
+    p.add_argument(
+        "--adapters",
+        action="store_true",
+        help="also time jobs alternating LoRA A, LoRA B and none (builds a 2 GB SD 1.5-shaped model once)",
+    )
     p.set_defaults(func=_cmd_bench)
 
     for name, (help_text, func) in (extra or {}).items():
@@ -216,7 +221,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from pipelines.settings import load_settings
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    report = asyncio.run(run_bench(load_settings(), sizes=sizes, repeats=args.repeats))
+    settings = load_settings()
+    report = asyncio.run(run_bench(settings, sizes=sizes, repeats=args.repeats))
+    if args.adapters:
+        from pipelines.bench_adapters import run_adapter_bench
+
+        report = {"engine_overhead": report, "adapters": asyncio.run(run_adapter_bench(settings))}
     print(json.dumps(report, indent=2))
     return 0
 

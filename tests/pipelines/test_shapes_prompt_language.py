@@ -86,3 +86,25 @@ async def test_attention_weight_shifts_the_colour_balance(engine: Engine) -> Non
     assert _count(softened, colour="blue") >= 10, softened  # ÷1.1 is too small to matter here
     colours = Counter(c for image in weighted for c, _ in image)
     assert colours["red"] > 2 * colours["blue"], colours
+
+
+async def test_a_lora_trained_here_turns_circles_purple_through_the_engine(engine: Engine) -> None:
+    """The committed kohya file, uploaded like a user's, named in the prompt, read back by the scorer."""
+    from pipelines.asset_uploads import add_asset_file
+
+    lora = Path(__file__).resolve().parents[2] / "models/shapes/loras/purple-circles.safetensors"
+    added = await add_asset_file(engine, lora, name="purple", owner_id=4242)
+    assert added.checked.info.details["model"] == "shapes"
+    spec = {"prompt": "a red circle on a white background <lora:purple:1>", "user_id": 4242}
+    purple = []
+    for seed in SEEDS:
+        result = await engine.generate(JobSpec(**spec, seed=seed, batch=4, cfg=3.0, sampler="DPM++ 2M"))
+        assert "purple: " in result.images[0].parameters  # Lora hashes
+        for image in result.images:
+            with Image.open(io.BytesIO(image.path.read_bytes())) as png:
+                purple.append(
+                    [(s.colour, s.shape) for s in score_image(np.asarray(png.convert("RGB"))).shapes]
+                )
+    plain = await _readings(engine, "a red circle on a white background")
+    assert _count(plain, colour="purple", shape="circle") == 0, plain
+    assert _count(purple, colour="purple", shape="circle") >= 8, purple
