@@ -60,12 +60,18 @@ def _is_xl(model: LoadedModel) -> bool:
 
 def _chunks(model: LoadedModel, text: str) -> list[Chunk]:
     weighted = parse_attention(text)
-    if model.embeddings:  # a loaded embedding's name becomes the token strings holding its vectors
-        weighted = [
-            (t if (t, w) == ("BREAK", -1) else expand_embedding_words(t, model.embeddings), w)
-            for t, w in weighted
-        ]
-    return chunk_tokens(weighted, model.base.tokenizer)
+    tokenizer = model.base.tokenizer
+    if not model.embeddings:
+        return chunk_tokens(weighted, tokenizer)
+    # a loaded embedding's name becomes the token strings holding its vectors, kept whole in one chunk
+    weighted = [
+        (t if (t, w) == ("BREAK", -1) else expand_embedding_words(t, model.embeddings), w)
+        for t, w in weighted
+    ]
+    first_ids = {
+        int(tokenizer.convert_tokens_to_ids(tokens[0])): len(tokens) for tokens in model.embeddings.values()
+    }
+    return chunk_tokens(weighted, tokenizer, first_ids)
 
 
 def _max_clip_skip(model: LoadedModel) -> int:

@@ -5,6 +5,7 @@ Chunking follows the webui's ``modules/sd_hijack_clip.py``; parsing is :mod:`pip
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,9 @@ class Chunk:
     length: int
 
 
-def chunk_tokens(weighted: list[tuple[str, float]], tokenizer: Any) -> list[Chunk]:
+def chunk_tokens(
+    weighted: list[tuple[str, float]], tokenizer: Any, embeddings: Mapping[int, int] | None = None
+) -> list[Chunk]:
     """Tokenize attention runs into 75-token chunks, as the webui's ``tokenize_line``.
 
     When a chunk is full and a comma lies within its last ``COMMA_BACKTRACK`` tokens, the tokens after the
@@ -40,7 +43,10 @@ def chunk_tokens(weighted: list[tuple[str, float]], tokenizer: Any) -> list[Chun
     Args:
         weighted: :func:`parse_attention` output.
         tokenizer: A CLIP tokenizer (``models.tokenizer.load_clip_tokenizer()``).
+        embeddings: The first token id of each loaded embedding -> its vector count; an embedding is never
+            split across chunks (one that does not fit starts the next chunk), as in the webui.
     """
+    groups = embeddings or {}
     texts = [text for text, _ in weighted]
     ids: list[list[int]] = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
     comma = tokenizer.convert_tokens_to_ids(",</w>")
@@ -68,6 +74,8 @@ def chunk_tokens(weighted: list[tuple[str, float]], tokenizer: Any) -> list[Chun
                 close(last_comma + 1)
             if len(tokens) == CHUNK_LENGTH:
                 close(CHUNK_LENGTH)
+            if token in groups and len(tokens) + groups[token] > CHUNK_LENGTH:
+                close(len(tokens))
             tokens.append(token)
             weights.append(weight)
     if tokens or not chunks:

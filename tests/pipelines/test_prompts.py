@@ -251,6 +251,25 @@ def test_comma_near_the_end_moves_the_rest(tokenizer) -> None:  # noqa: ANN001
     assert [c.length for c in chunk_tokens([(far, 1.0)], tokenizer)] == [75, 6]
 
 
+def test_an_embedding_is_never_split_across_chunks(tokenizer) -> None:  # noqa: ANN001
+    """As the webui: an embedding that does not fit the chunk's rest starts the next chunk."""
+    from transformers import CLIPTokenizer
+
+    from models.tokenizer import clip_tokenizer_dir
+
+    tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), local_files_only=True)
+    names = ["<emb>", "<emb>_1", "<emb>_2"]
+    tok.add_tokens(names)
+    first = tok.convert_tokens_to_ids(names[0])
+    text = "cat " * 73 + " ".join(names) + " dog"
+    assert len(_ids(tok, text)) == 77
+    whole = chunk_tokens([(text, 1.0)], tok, {first: 3})
+    assert [c.length for c in whole] == [73, 4]
+    assert whole[1].tokens[:3] == tuple(tok.convert_tokens_to_ids(names))
+    split = chunk_tokens([(text, 1.0)], tok)  # without knowing the embedding: cut after 75 tokens
+    assert [c.length for c in split] == [75, 2]
+
+
 def test_break_pads_the_chunk(tokenizer) -> None:  # noqa: ANN001
     chunks = chunk_tokens(parse_attention("cat BREAK (dog)"), tokenizer)
     assert [c.length for c in chunks] == [1, 1]
