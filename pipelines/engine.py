@@ -30,7 +30,7 @@ from pipelines.modes import AdapterHook, ExtraCache, RunContext, StepHook, run_j
 from pipelines.parameters import webui_parameters
 from pipelines.pnginfo import png_bytes
 from pipelines.prompts import extract_networks, parse_attention, prompt_schedule
-from pipelines.settings import Settings, build_extras, build_registry, served_families
+from pipelines.settings import Settings, build_extras, build_registry
 from storage import jobs as job_rows
 from storage.db import Database
 from storage.errors import BotError, InvalidRequestError
@@ -170,14 +170,6 @@ class Engine:
                 raise InvalidRequestError("An input image of this job is no longer stored; attach it again.")
         prepared.spec = replace(spec, seed=resolve_seed(spec.seed))
         return prepared
-
-    def family_of(self, model: str | None) -> Family:
-        """The family of a model (hub models not yet fetched count as SD 1.5)."""
-        return self.registry.require(model).family or Family.sd15
-
-    def served_families(self) -> list[Family]:
-        """Families of the models users can pick (the default model's first); uploads must fit one."""
-        return served_families(self.registry)
 
     def served_targets(self) -> list[ModelTarget]:
         """The shapes uploads are checked against (the default model's first): see ``served_targets``."""

@@ -20,10 +20,9 @@ from pydantic_settings import (
 )
 
 from models.extras import ExtraRegistry
-from models.families import Family
 from models.registry import ModelRegistry
 
-__all__ = ["Settings", "build_extras", "build_registry", "load_settings", "served_families"]
+__all__ = ["Settings", "build_extras", "build_registry", "load_settings"]
 
 CONFIG_ENV = "DREAMCORD_CONFIG"
 
@@ -116,17 +115,6 @@ def build_registry(settings: Settings) -> ModelRegistry:
         default_model=settings.default_model,
         inpaint_models=settings.inpaint_models,
     )
-
-
-def served_families(registry: ModelRegistry) -> list[Family]:
-    """Families of the models users can pick, the default model's first (uploads must fit one of them).
-
-    The tiny random-weight plumbing models do not count; hub models not yet fetched count as SD 1.5.
-    Uploads are checked against shapes, not only families: see ``models.adapters.targets.served_targets``.
-    """
-    default = registry.require(None).family or Family.sd15
-    others = {e.family for e in registry.list() if e.family is not None and not e.built_on_demand}
-    return [default, *sorted(others - {default})]
 
 
 def build_extras(settings: Settings) -> ExtraRegistry:

@@ -21,7 +21,6 @@ text encoder had, so a later job is bit-identical to one run before.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,6 +34,7 @@ import torch
 from models.adapters.base import AssetInfo, wrong_family
 from models.adapters.targets import ModelTarget, model_details, target_for_text_widths
 from models.families import Family
+from models.registry import file_sha256
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
 
@@ -239,11 +239,7 @@ def embedding_tokens(name: str, count: int) -> list[str]:
 
 def file_short_hash(path: Path, n: int = 12) -> str:
     """The first ``n`` hex digits of the file's sha256: the webui's "TI hashes" entry for an embedding."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:n]
+    return file_sha256(path)[:n]
 
 
 def _word_pattern(names: Iterable[str]) -> re.Pattern[str] | None:

@@ -10,7 +10,6 @@ those of models with shapes of their own, such as the built-in ``shapes`` model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +31,7 @@ from models.adapters.safe_files import (
 from models.adapters.targets import ModelTarget, canonical_target, model_details
 from models.adapters.vae import inspect_vae
 from models.families import Family
+from models.registry import file_sha256
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
 
@@ -43,7 +43,6 @@ __all__ = [
     "asset_caps",
     "check_asset",
     "read_adapter_file",
-    "sha256_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,14 +100,6 @@ class CheckedAsset:
             "size": self.size,
             "summary": self.info.describe(),
         }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_adapter_file(path: Path, *, max_bytes: int) -> FileContents:
@@ -242,6 +233,6 @@ def check_asset(
         )
     if all(info.family != t.family for t in targets):
         raise wrong_family(info.kind, info.family, targets[0].family)
-    sha = sha256_file(path)
+    sha = file_sha256(path)
     log.info("recognised %s as %s", sha[:12], info.describe())
     return CheckedAsset(info=info, sha256=sha, short_hash=_short_hash(info.kind, path, sha), size=size)

@@ -12,8 +12,7 @@ text encoder's hidden size, MLP width, layer count and heads; the VAE's blocks, 
 The UNet's ``in_channels`` is left out on purpose: an inpainting UNet (9 input channels) takes the same
 adapters as its base model, so ``shapes-inpaint`` shares the ``shapes`` target and a real SD 1.5 inpainting
 model is canonical SD 1.5 (an adapter for ``conv_in`` alone is refused when it is applied). The tiny random
-``tiny-*`` plumbing models count as their canonical family, as :func:`pipelines.settings.served_families`
-counts them.
+``tiny-*`` plumbing models count as their canonical family.
 """
 
 from __future__ import annotations
@@ -312,7 +311,7 @@ def served_targets(registry: ModelRegistry) -> list[ModelTarget]:
     """What uploads are checked against: the default model's target first, then the canonical target of
     every served family, then the custom targets of other served models (one per set of shapes).
 
-    The tiny random-weight plumbing models add only their family, as in ``served_families``; hub models
+    The tiny random-weight plumbing models add only their family; hub models
     not yet fetched count as SD 1.5.
     """
     default = registry.require(None)
