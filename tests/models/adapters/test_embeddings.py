@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from models.tiny import tiny_path
 from models.tokenizer import load_clip_tokenizer
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 MAX_BYTES = 50 * 2**20
 CLIP_VOCAB = 49408  # the CLIP BPE vocabulary: added tokens get ids from here on
@@ -65,21 +66,6 @@ def _raw_vectors(obj: Any) -> torch.Tensor:
 
 def _gen() -> torch.Generator:
     return torch.Generator("cpu").manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd15(tiny_models: Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_path(tiny_models, "sd15"), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

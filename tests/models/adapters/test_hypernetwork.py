@@ -8,7 +8,7 @@ here the way the webui saves them: ``torch.save`` of a dict keyed by context wid
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from models.adapters.hypernetwork import (
 )
 from models.adapters.safe_files import load_pickle_object
 from models.families import Family
-from models.tiny import tiny_path
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SD15_WIDTHS = (768, 320, 640, 1280)
 MAX_BYTES = 400 * 2**20
@@ -124,21 +125,6 @@ def webui_dict(
 def save_and_read(obj: dict[Any, Any], path: Path) -> Any:
     torch.save(obj, path)
     return load_pickle_object(path, max_bytes=MAX_BYTES)
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd15(tiny_models: Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_path(tiny_models, "sd15"), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # --- recognising and validating files ---------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +19,9 @@ from models.tiny import tiny_path
 from storage.errors import InvalidRequestError
 from storage.tables import AssetKind
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 MAX_BYTES = 400 * 2**20
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd15(tiny_models: Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_path(tiny_models, "sd15"), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
