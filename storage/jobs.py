@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import NotFoundError
@@ -40,6 +40,10 @@ __all__ = [
     "mark_failed",
     "mark_running",
     "require_job",
+    "ids_with_status",
+    "list_queued",
+    "recover_interrupted",
+    "requeue",
     "requeue_running",
 ]
 
@@ -216,6 +220,70 @@ async def requeue_running(session: AsyncSession) -> list[int]:
     if ids:
         log.info("requeued %d interrupted job(s): %s", len(ids), ids)
     return ids
+
+
+async def recover_interrupted(
+    session: AsyncSession, *, max_attempts: int, reason: str
+) -> tuple[list[int], list[int]]:
+    """At startup: jobs a crash left running go back to the queue, or fail once tried ``max_attempts`` times.
+
+    Returns:
+        The ids requeued and the ids failed (with ``reason`` as their error).
+    """
+    failed_stmt = (
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.attempts >= max_attempts)
+        .values(status=JobStatus.FAILED, finished_at=utcnow(), error=reason)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    failed = sorted((await session.execute(failed_stmt)).scalars().all())
+    requeued = await requeue_running(session)
+    if failed:
+        log.warning("failed %d job(s) interrupted %d times: %s", len(failed), max_attempts, failed)
+    return requeued, failed
+
+
+async def requeue(
+    session: AsyncSession, job_ids: Collection[int], *, refund_attempt: bool = True
+) -> list[int]:
+    """Put running jobs back in the queue (a clean shutdown interrupted them); returns those requeued.
+
+    Args:
+        refund_attempt: Undo the attempt their start counted (the interruption was not their fault).
+    """
+    if not job_ids:
+        return []
+    values: dict[str, Any] = {"status": JobStatus.QUEUED, "started_at": None}
+    if refund_attempt:
+        values["attempts"] = case((Job.attempts > 0, Job.attempts - 1), else_=0)
+    stmt = (
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.RUNNING)
+        .values(**values)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted((await session.execute(stmt)).scalars().all())
+
+
+async def list_queued(session: AsyncSession, *, exclude: Collection[int] = ()) -> list[Job]:
+    """Every queued job but those in ``exclude``, oldest first (what a worker loads into its queue)."""
+    ids = (await session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.id))).all()
+    wanted = [job_id for job_id in ids if job_id not in exclude]
+    jobs: list[Job] = []
+    for start in range(0, len(wanted), 500):  # keep each IN (...) well under SQLite's variable limit
+        stmt = select(Job).where(Job.id.in_(wanted[start : start + 500])).order_by(Job.id)
+        jobs.extend((await session.scalars(stmt)).all())
+    return jobs
+
+
+async def ids_with_status(session: AsyncSession, job_ids: Collection[int], status: JobStatus) -> list[int]:
+    """Which of ``job_ids`` have ``status`` now."""
+    if not job_ids:
+        return []
+    stmt = select(Job.id).where(Job.id.in_(list(job_ids)), Job.status == status)
+    return sorted((await session.scalars(stmt)).all())
 
 
 async def list_images(session: AsyncSession, job_id: int) -> list[Image]:
