@@ -52,7 +52,7 @@ async def run_bot(settings: Settings) -> None:
 
     if settings.discord_token is None:
         raise SystemExit(2)
-    async with Engine(settings) as engine:
+    async with Engine(settings, recover=True) as engine:  # the bot serves the queue: it takes over leftovers
         bot = build_bot(engine)
         async with bot:
             await bot.start(settings.discord_token.get_secret_value())

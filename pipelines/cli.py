@@ -18,6 +18,7 @@ from typing import Any
 
 from pipelines.cli_assets import add_asset_commands
 from pipelines.cli_generate import add_generate, add_preprocess
+from pipelines.cli_queue import add_queue_commands
 from storage.errors import BotError
 
 __all__ = ["build_parser", "main"]
@@ -43,6 +44,7 @@ def build_parser(extra: dict[str, tuple[str, Command]] | None = None) -> argpars
     add_generate(sub, _cmd_generate)
     add_preprocess(sub, _cmd_preprocess)
     add_asset_commands(sub, _Parser, _cmd_check_asset, _cmd_assets)
+    add_queue_commands(sub, {"worker": _cmd_worker, "queue": _cmd_queue, "cancel": _cmd_cancel})
 
     p = sub.add_parser("explain-prompt", help="how the webui's prompt language reads a prompt")
     p.add_argument("text")
@@ -112,6 +114,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.cli_generate import run_generate
 
     return run_generate(args, _ProgressBar(sys.stderr.isatty() and not args.json))
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from pipelines.cli_queue import run_worker
+
+    return run_worker(args)
+
+
+def _cmd_queue(args: argparse.Namespace) -> int:
+    from pipelines.cli_queue import run_queue
+
+    return run_queue(args)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from pipelines.cli_queue import run_cancel
+
+    return run_cancel(args)
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
@@ -218,15 +238,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pipelines.bench import run_bench
+    from pipelines.bench_queue import run_queue_bench
     from pipelines.settings import load_settings
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     settings = load_settings()
-    report = asyncio.run(run_bench(settings, sizes=sizes, repeats=args.repeats))
+    overhead = asyncio.run(run_bench(settings, sizes=sizes, repeats=args.repeats))
+    queue = asyncio.run(run_queue_bench(settings, repeats=max(3, args.repeats // 3)))
+    first: dict[str, Any] = next(iter(overhead["sizes"].values()), {})
+    report: dict[str, Any] = {
+        "batching_speedup": queue.pop("batching_speedup"),
+        "engine_overhead": first.get("ratio_median"),
+        "loop_lag_p99_ms": queue.pop("loop_lag_p99_ms"),
+        "queue_1000": queue.pop("queue_1000"),
+        "goals": {"batching_speedup_min": 2.0, "engine_overhead_max": 1.03, "loop_lag_p99_ms_max": 50},
+        "batching": queue["batching"],
+        "engine_overhead_by_size": overhead,
+    }
     if args.adapters:
         from pipelines.bench_adapters import run_adapter_bench
 
-        report = {"engine_overhead": report, "adapters": asyncio.run(run_adapter_bench(settings))}
+        report["adapters"] = asyncio.run(run_adapter_bench(settings))
     print(json.dumps(report, indent=2))
     return 0
 

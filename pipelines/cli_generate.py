@@ -80,6 +80,9 @@ def add_generate(sub: Any, handler: Any) -> None:
     _add_mode_options(p)
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs (default ./out)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--no-wait", action="store_true", help="only queue the job (for `dreamcord worker` or the bot to run)"
+    )
     p.set_defaults(func=handler)
 
 
@@ -201,6 +204,15 @@ async def _generate(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
     from pipelines.settings import load_settings
 
     spec, inputs = build_request(args)
+    if args.no_wait:
+        async with Engine(load_settings(), start_worker=False) as engine:
+            submitted, notes = await engine.submit(spec, inputs)
+        return {
+            "job": {"id": submitted.job_id},
+            "position": submitted.position,
+            "eta_s": submitted.eta_s,
+            "notes": notes,
+        }
     async with Engine(load_settings()) as engine:
         engine.prepare(spec, inputs)  # bad input fails here, before any notice or work
         if args.model is None and engine.registry.using_builtin_default and spec.kind != JobKind.upscale:
@@ -231,6 +243,9 @@ def run_generate(args: argparse.Namespace, progress: Any) -> int:
     payload = asyncio.run(_generate(args, progress))
     if args.json:
         print(json.dumps(payload))
+        return 0
+    if args.no_wait:
+        print(f"Queued as job {payload['job']['id']}, position {payload['position']}.")
         return 0
     for note in payload["notes"]:
         print(f"note: {note}", file=sys.stderr)

@@ -20,6 +20,7 @@ import torch
 from models.adapters.embeddings import expand_embedding_words
 from models.cache import LoadedModel
 from models.families import Family
+from pipelines.modes import latents_hook
 from pipelines.prompt_chunks import Chunk, chunk_tokens
 from pipelines.prompts import extract_networks, parse_attention, prompt_schedule
 from storage.errors import InvalidRequestError
@@ -277,15 +278,22 @@ class ScheduledConditioning:
         return kwargs
 
     def callback_kwargs(self, then: StepCallback | None = None) -> dict[str, Any]:
-        """``callback_on_step_end`` (this callback, then ``then`` if given) and its tensor inputs."""
-        if then is None:
-            callback: StepCallback = self.callback
-        else:
+        """``callback_on_step_end`` (this callback, then ``then`` if given) and its tensor inputs.
 
-            def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-                return then(pipe, step, timestep, self.callback(pipe, step, timestep, kwargs))
+        The running job's :data:`~pipelines.modes.latents_hook`, when set, also sees the latents.
+        """
+        preview = latents_hook.get()
 
-        return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": self.tensor_inputs}
+        def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            kwargs = self.callback(pipe, step, timestep, kwargs)
+            if then is not None:
+                kwargs = then(pipe, step, timestep, kwargs)
+            if preview is not None and "latents" in kwargs:
+                preview(step + 1, int(getattr(pipe, "num_timesteps", 0) or step + 1), kwargs["latents"])
+            return kwargs
+
+        inputs = self.tensor_inputs if preview is None else [*self.tensor_inputs, "latents"]
+        return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": inputs}
 
 
 def _text_at(schedule: list[tuple[int, str]], step: int) -> str:

@@ -1,85 +1,71 @@
-"""The engine: settings -> database, file store, model registry, pipeline cache and the GPU thread.
+"""The engine: settings -> database, file store, model registry, pipeline cache, queue and worker.
 
-``Engine.generate(spec)`` is the one path every front end (CLI, demo, bot) takes for a job: check the
-spec (nothing is stored for bad input), record the job, run it on the worker thread, store the PNGs
-content-addressed with their webui parameters, and mark the job done — or failed with a sentence.
+Every front end (CLI, demo, bot) takes the same path for a job: :meth:`Engine.submit` checks the spec
+(nothing is stored for bad input), resolves the user's adapters, stores the input images and queues
+the job durably; the worker runs it on its thread when its fair turn comes (maybe batched with other
+users' compatible jobs), stores the PNGs content-addressed with their webui parameters and marks the
+job done — or failed with a sentence. :meth:`Engine.wait` (or :meth:`Engine.generate`, both at once)
+returns the result; :meth:`Engine.events` streams position, progress and previews.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Collection
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
+from PIL import Image
+
 from models.adapters.inspect import asset_caps
-from models.adapters.runtime import ActiveAdapter, AdapterRuntime
+from models.adapters.runtime import AdapterRuntime
 from models.adapters.targets import ModelTarget, model_target, served_targets
 from models.cache import PipelineCache, choose_device
 from models.extras import PLAIN_UPSCALERS
 from models.families import Family, family_info
 from models.registry import ModelEntry
 from pipelines.adapters import resolve_adapters
+from pipelines.batching import batch_key, run_batch
+from pipelines.events import (
+    Cancelled,
+    EventHub,
+    Failed,
+    Finished,
+    GeneratedImage,
+    JobEvent,
+    JobResult,
+    StoredPreview,
+)
+from pipelines.execution import UNEXPECTED, BatchExecutor, ProgressSink
 from pipelines.hires import LATENT_UPSCALERS
 from pipelines.inputs import JobInputs, PreparedInputs, prepare_inputs
 from pipelines.jobs import LIMITS, JobKind, JobSpec, Limits, check_spec, resolve_seed
-from pipelines.modes import AdapterHook, ExtraCache, RunContext, StepHook, run_job
+from pipelines.modes import ExtraCache, StepHook
 from pipelines.parameters import webui_parameters
-from pipelines.pnginfo import png_bytes
 from pipelines.prompts import extract_networks, parse_attention, prompt_schedule
+from pipelines.queue import JobQueue, QueueLimits, QueueStatus, Submitted
+from pipelines.scheduling import BatchBudget
 from pipelines.settings import Settings, build_extras, build_registry
+from pipelines.worker import Worker, WorkerOptions
 from storage import jobs as job_rows
 from storage.db import Database
-from storage.errors import BotError, InvalidRequestError
+from storage.errors import GenerationError, InvalidRequestError, NotFoundError
 from storage.files import FileStore
-from storage.tables import AssetKind
+from storage.tables import JobStatus
 
-__all__ = ["Engine", "GeneratedImage", "JobInputs", "JobResult", "StoredPreview", "webui_parameters"]
+__all__ = [
+    "UNEXPECTED",
+    "Engine",
+    "GeneratedImage",
+    "JobInputs",
+    "JobResult",
+    "StoredPreview",
+    "webui_parameters",
+]
 
 log = logging.getLogger(__name__)
-
-UNEXPECTED = "Something broke on our side while generating; the error was logged."
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    """One stored output image."""
-
-    index: int
-    seed: int
-    width: int
-    height: int
-    sha256: str
-    path: Path
-    parameters: str
-
-
-@dataclass(frozen=True)
-class StoredPreview:
-    """An intermediate image worth showing (a preprocessed control map), stored beside the outputs."""
-
-    label: str
-    sha256: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class JobResult:
-    job_id: int
-    spec: JobSpec
-    images: list[GeneratedImage]
-    seconds: float
-    notes: list[str] = field(default_factory=list)  # what was changed about the inputs, for the user
-    previews: list[StoredPreview] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Outputs:
-    images: list[GeneratedImage]
-    previews: list[StoredPreview]
 
 
 def _check_prompt_language(spec: JobSpec) -> None:
@@ -106,11 +92,28 @@ def _check_denoising_steps(spec: JobSpec, *, has_init: bool) -> None:
 
 
 class Engine:
-    """Owns every long-lived resource; use as ``async with Engine(settings) as engine``."""
+    """Owns every long-lived resource; use as ``async with Engine(settings) as engine``.
 
-    def __init__(self, settings: Settings, *, limits: Limits = LIMITS) -> None:
+    Args:
+        settings: Where data lives, models, limits.
+        limits: Bounds every request is checked against.
+        recover: At open, take over jobs left queued or running in the database (the process that
+            serves the queue — the bot, ``dreamcord worker`` — does; a one-off CLI command does not).
+        start_worker: Run jobs in this process (off: it only submits, e.g. ``generate --no-wait``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        limits: Limits = LIMITS,
+        recover: bool = False,
+        start_worker: bool = True,
+    ) -> None:
         self.settings = settings
         self.limits = limits
+        self.recover = recover
+        self.start_worker = start_worker
         self.db = Database(settings.resolved_database_url)
         self.files = FileStore(settings.files_dir)
         self.registry = build_registry(settings)
@@ -124,17 +127,48 @@ class Engine:
         self.adapters = AdapterRuntime(
             cache_bytes=settings.adapter_cache_mb * 2**20, max_bytes=self.asset_caps
         )
-        self._executor: ThreadPoolExecutor | None = None
+        self.hub = EventHub()
+        self.queue = JobQueue(
+            self.db,
+            self.hub,
+            limits=QueueLimits(
+                per_user=settings.queue_per_user,
+                per_guild=settings.queue_per_guild,
+                total=settings.queue_max,
+                max_attempts=settings.job_attempts,
+                batch=BatchBudget(settings.batch_max_images, settings.batch_max_pixels),
+            ),
+            batch_key=batch_key,
+        )
+        self.worker = Worker(
+            self.queue,
+            self.db,
+            self.hub,
+            self._make_executor,
+            WorkerOptions(
+                job_timeout_s=settings.job_timeout_s,
+                stuck_after_s=settings.worker_stuck_s,
+                preview_every=settings.preview_every,
+                poll_s=1.0 if recover else None,
+            ),
+        )
+
+    def _make_executor(self, sink: ProgressSink) -> BatchExecutor:
+        return BatchExecutor(
+            self.cache, self.extra_cache, self.files, self.registry, self.adapters, sink, run_batch=run_batch
+        )
 
     async def open(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.db.open()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self.hub.bind(asyncio.get_running_loop())
+        if self.recover:
+            await self.queue.recover()
+        if self.start_worker:
+            self.worker.start()
 
     async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        await self.worker.stop()
         await self.db.close()
 
     async def __aenter__(self) -> Engine:
@@ -231,99 +265,102 @@ class Engine:
             controls=units,
         )
 
-    async def generate(
-        self, spec: JobSpec, on_step: StepHook | None = None, inputs: JobInputs | None = None
-    ) -> JobResult:
-        """Run one job to the end and return its stored images."""
+    async def submit(
+        self, spec: JobSpec, inputs: JobInputs | None = None, *, on_step: StepHook | None = None
+    ) -> tuple[Submitted, list[str]]:
+        """Check, resolve and queue a job; returns where it stands and notes for the user.
+
+        ``on_step`` (an in-process caller's) is called on the worker thread after every step.
+        """
         prepared = self.prepare_job(spec, inputs)
         prepared.spec = await self.resolve_adapters(prepared.spec)
         spec = self._store_inputs(prepared)
-        started = time.perf_counter()
-        async with self.db.sessions.begin() as session:
-            job = await job_rows.create_job(
-                session,
-                kind=str(spec.kind),
-                spec=spec.to_dict(),
-                user_id=spec.user_id,
-                guild_id=spec.guild_id,
-                channel_id=spec.channel_id,
-            )
-            job_id = job.id
-        work = asyncio.get_running_loop().run_in_executor(
-            self._require_executor(), self._run_blocking, spec, on_step
-        )
+        submitted = await self.queue.submit(spec)
+        if on_step is not None:
+            self.worker.on_step(submitted.job_id, on_step)
+        return submitted, prepared.notes
+
+    async def generate(
+        self, spec: JobSpec, on_step: StepHook | None = None, inputs: JobInputs | None = None
+    ) -> JobResult:
+        """Queue one job, wait for its turn and its end, and return its stored images."""
+        if not self.start_worker:
+            raise RuntimeError("this engine runs no worker; submit() and let the worker process run it")
+        submitted, notes = await self.submit(spec, inputs, on_step=on_step)
+        result = await self.wait(submitted.job_id)
+        return replace(result, notes=notes)
+
+    async def events(self, job_id: int) -> AsyncIterator[JobEvent]:
+        """The job's events (position, start, progress with previews) up to and including its last one.
+
+        A job that already ended yields its final event at once.
+        """
+        queue = self.hub.subscribe(job_id)
         try:
-            # The status write overlaps the computation instead of delaying it; both are awaited.
-            running, outputs = await asyncio.gather(self._mark_running(job_id), work, return_exceptions=True)
-            for outcome in (outputs, running):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            assert isinstance(outputs, _Outputs)
-            images = outputs.images
-        except BotError as exc:
-            await self._fail(job_id, str(exc))
-            raise
-        except Exception:
-            log.exception("job %s failed", job_id)
-            await self._fail(job_id, UNEXPECTED)
-            raise
-        seconds = time.perf_counter() - started
-        async with self.db.sessions.begin() as session:
-            await job_rows.mark_done(
-                session,
-                job_id,
-                [job_rows.NewImage(i.index, i.seed, i.sha256, i.width, i.height) for i in images],
-                seconds,
-            )
-        return JobResult(job_id, spec, images, seconds, prepared.notes, outputs.previews)
+            final = await self._final_from_db(job_id)
+            if final is not None:
+                yield final
+                return
+            while True:
+                event = await queue.get()
+                yield event
+                if event.final:
+                    return
+        finally:
+            self.hub.unsubscribe(job_id, queue)
 
-    def _require_executor(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            raise RuntimeError("Engine is not open; use `async with Engine(settings)`")
-        return self._executor
+    async def wait(self, job_id: int) -> JobResult:
+        """The job's result once it is done; raises its error if it failed or was cancelled."""
+        async for event in self.events(job_id):
+            if isinstance(event, Finished):
+                return event.result
+            if isinstance(event, Failed):
+                raise event.exception()
+            if event.final:
+                raise GenerationError(f"Job {job_id} was cancelled.")
+        raise AssertionError("unreachable: events() ends with a final event")
 
-    async def _mark_running(self, job_id: int) -> None:
-        async with self.db.sessions.begin() as session:
-            await job_rows.mark_running(session, job_id)
+    async def cancel(self, job_id: int, by_user: int | None, *, admin_guilds: Collection[int] = ()) -> bool:
+        """Cancel a queued or running job (its owner, or an admin of its guild); False if it had ended."""
+        return await self.queue.cancel(job_id, by_user, admin_guilds=admin_guilds)
 
-    async def _fail(self, job_id: int, reason: str) -> None:
-        async with self.db.sessions.begin() as session:
-            await job_rows.mark_failed(session, job_id, reason)
+    def status(self, job_id: int) -> QueueStatus | None:
+        """Position and ETA of a queued job (running: no position); None once it has left the queue."""
+        return self.queue.status(job_id)
 
-    def _adapter_hook(self, spec: JobSpec) -> AdapterHook | None:
-        """What applies the job's adapters to each model it loads (None when it uses none)."""
-        if not spec.adapters:
-            return None
-        active = [
-            ActiveAdapter(
-                kind=AssetKind(ref.kind),
-                name=ref.name,
-                sha256=ref.sha256,
-                path=self.files.path_for(ref.sha256),
-                weight=ref.weight,
-                te_weight=ref.weight if ref.te_weight is None else ref.te_weight,
-                unet_weight=ref.weight if ref.unet_weight is None else ref.unet_weight,
-            )
-            for ref in spec.adapters
-        ]
-        return lambda model: self.adapters.applied(model, active)
+    async def _final_from_db(self, job_id: int) -> JobEvent | None:
+        """The final event of a job that has already ended, rebuilt from its rows."""
+        async with self.db.sessions() as session:
+            job = await job_rows.get_job(session, job_id)
+            if job is None:
+                raise NotFoundError(f"There is no job {job_id}.")
+            if not job.status.finished:
+                return None
+            rows = await job_rows.list_images(session, job_id)
+        if job.status == JobStatus.DONE:
+            images = [
+                GeneratedImage(
+                    r.index,
+                    r.seed,
+                    r.width,
+                    r.height,
+                    r.sha256,
+                    self.files.path_for(r.sha256),
+                    _parameters_of(self.files.path_for(r.sha256)),
+                )
+                for r in rows
+            ]
+            spec = JobSpec.from_dict(job.spec)
+            return Finished(job_id, JobResult(job_id, spec, images, job.seconds or 0.0))
+        if job.status == JobStatus.FAILED:
+            return Failed(job_id, job.error or UNEXPECTED)
+        return Cancelled(job_id)
 
-    def _run_blocking(self, spec: JobSpec, on_step: StepHook | None) -> _Outputs:
-        """On the worker thread: load (cached), run the mode, encode and store the PNGs."""
-        ctx = RunContext(spec, self.cache, self.extra_cache, self.files, on_step, self._adapter_hook(spec))
-        output = run_job(ctx)
-        loaded = ctx.loaded_model
-        model_name = loaded.entry.name if loaded else None
-        model_hash = self.registry.model_hash(loaded.entry) if loaded else None
-        stored: list[GeneratedImage] = []
-        for index, (image, seed) in enumerate(zip(output.images, spec.seeds(), strict=True)):
-            parameters = webui_parameters(spec, seed, model_name, model_hash, output.parameters)
-            saved = self.files.put_bytes(png_bytes(image, parameters))
-            stored.append(
-                GeneratedImage(index, seed, image.width, image.height, saved.sha256, saved.path, parameters)
-            )
-        previews = []
-        for label, image in output.previews:
-            saved = self.files.put_bytes(png_bytes(image, ""))
-            previews.append(StoredPreview(label, saved.sha256, saved.path))
-        return _Outputs(stored, previews)
+
+def _parameters_of(path: Path) -> str:
+    """The webui parameters a stored PNG carries ("" if it has none)."""
+    try:
+        with Image.open(path) as image:
+            return str(getattr(image, "text", {}).get("parameters", ""))
+    except OSError:
+        return ""

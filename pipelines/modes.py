@@ -13,6 +13,7 @@ import io
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "RunOutput",
     "Runner",
     "StepHook",
+    "latents_hook",
     "run_job",
     "runner_for",
 ]
@@ -40,6 +42,11 @@ log = logging.getLogger(__name__)
 
 # Called after every denoising step with (steps done, steps in all); raising stops the run.
 StepHook = Callable[[int, int], None]
+# Called after every denoising step with (steps done, steps in all, the current latents), for previews.
+LatentsHook = Callable[[int, int, Any], None]
+#: The running job's :data:`LatentsHook`, set by the worker around a run on its own thread; the prompt
+#: conditioning's step callback (which every diffusion mode installs) calls it.
+latents_hook: ContextVar[LatentsHook | None] = ContextVar("latents_hook", default=None)
 # Applies the job's adapters to a freshly got model for the rest of the run; exiting restores it.
 AdapterHook = Callable[[LoadedModel], AbstractContextManager[object]]
 
@@ -99,6 +106,10 @@ class RunContext:
             self._applied.enter_context(self.adapters(model))
             self._adapted.add(id(model))
         return model
+
+    def applied_adapters(self) -> ExitStack:
+        """Enter around a run: the adapters applied to the models it loads are restored on exit."""
+        return self._applied
 
     @property
     def loaded_model(self) -> LoadedModel | None:

@@ -68,6 +68,19 @@ class Settings(BaseSettings):
         "unset kinds keep the defaults 1024 / 16 / 512 / 1024.",
     )
     adapter_cache_mb: int = Field(2_048, ge=0, description="Memory for recently used adapter weights.")
+    queue_per_user: int = Field(10, ge=1, description="Jobs one user may have waiting or running.")
+    queue_per_guild: int = Field(100, ge=1, description="Jobs one server may have waiting or running.")
+    queue_max: int = Field(1000, ge=1, description="Jobs waiting in all; past it new jobs are refused.")
+    job_attempts: int = Field(3, ge=1, description="Starts before a job interrupted by crashes is given up.")
+    batch_max_images: int = Field(8, ge=1, description="Images one shared pipeline call may make.")
+    batch_max_pixels: int = Field(
+        8 * 512 * 512, ge=1, description="Images × width × height one shared pipeline call may make."
+    )
+    job_timeout_s: float = Field(600.0, gt=0, description="A job running longer is stopped.")
+    worker_stuck_s: float = Field(
+        600.0, gt=0, description="No progress this long: the worker gives the job up."
+    )
+    preview_every: int = Field(5, ge=0, description="Steps between live previews (0: none).")
     discord_token: SecretStr | None = None
     log_level: str = "INFO"
 
