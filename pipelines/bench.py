@@ -47,7 +47,7 @@ def _bare_call(engine: Engine, spec: JobSpec) -> float:
 
 async def _measure(engine: Engine, spec: JobSpec, repeats: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    executor = engine._require_executor()
+    executor = engine.worker.thread
     await engine.generate(spec)  # warm-up: load and cache the model, first-call allocations
     await loop.run_in_executor(executor, _bare_call, engine, engine.prepare(spec))
     ratios, ours, bare = [], [], []
