@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -287,38 +287,41 @@ class Engine:
         if not self.start_worker:
             raise RuntimeError("this engine runs no worker; submit() and let the worker process run it")
         submitted, notes = await self.submit(spec, inputs, on_step=on_step)
-        result = await self.wait(submitted.job_id)
+        # no await between submit's return and the subscription: the job cannot have ended unseen
+        result = await self._wait_submitted(submitted.job_id)
         return replace(result, notes=notes)
 
-    async def events(self, job_id: int) -> AsyncIterator[JobEvent]:
+    async def events(self, job_id: int, *, previews: bool = True) -> AsyncGenerator[JobEvent, None]:
         """The job's events (position, start, progress with previews) up to and including its last one.
 
         A job that already ended yields its final event at once.
         """
-        queue = self.hub.subscribe(job_id)
+        queue = self.hub.subscribe(job_id, previews=previews)
         try:
             final = await self._final_from_db(job_id)
             if final is not None:
                 yield final
                 return
-            while True:
-                event = await queue.get()
+            async for event in _until_final(queue):
                 yield event
-                if event.final:
-                    return
         finally:
             self.hub.unsubscribe(job_id, queue)
 
     async def wait(self, job_id: int) -> JobResult:
         """The job's result once it is done; raises its error if it failed or was cancelled."""
-        async for event in self.events(job_id):
-            if isinstance(event, Finished):
-                return event.result
-            if isinstance(event, Failed):
-                raise event.exception()
-            if event.final:
-                raise GenerationError(f"Job {job_id} was cancelled.")
-        raise AssertionError("unreachable: events() ends with a final event")
+        events = self.events(job_id, previews=False)
+        try:
+            return await _result(job_id, events)
+        finally:
+            await events.aclose()
+
+    async def _wait_submitted(self, job_id: int) -> JobResult:
+        """:meth:`wait` for a job this engine has just queued (no event can have been missed yet)."""
+        queue = self.hub.subscribe(job_id, previews=False)
+        try:
+            return await _result(job_id, _until_final(queue))
+        finally:
+            self.hub.unsubscribe(job_id, queue)
 
     async def cancel(self, job_id: int, by_user: int | None, *, admin_guilds: Collection[int] = ()) -> bool:
         """Cancel a queued or running job (its owner, or an admin of its guild); False if it had ended."""
@@ -355,6 +358,26 @@ class Engine:
         if job.status == JobStatus.FAILED:
             return Failed(job_id, job.error or UNEXPECTED)
         return Cancelled(job_id)
+
+
+async def _until_final(queue: asyncio.Queue[JobEvent]) -> AsyncIterator[JobEvent]:
+    while True:
+        event = await queue.get()
+        yield event
+        if event.final:
+            return
+
+
+async def _result(job_id: int, events: AsyncIterator[JobEvent]) -> JobResult:
+    """The result carried by the final event; raises a failure's or cancellation's error."""
+    async for event in events:
+        if isinstance(event, Finished):
+            return event.result
+        if isinstance(event, Failed):
+            raise event.exception()
+        if event.final:
+            raise GenerationError(f"Job {job_id} was cancelled.")
+    raise AssertionError("unreachable: the events end with a final event")
 
 
 def _parameters_of(path: Path) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,28 +149,48 @@ class EventHub:
     def __init__(self, maxsize: int = 64) -> None:
         self.maxsize = maxsize
         self._subscribers: dict[int | None, list[asyncio.Queue[JobEvent]]] = defaultdict(list)
+        self._preview_wanted: Counter[int | None] = Counter()
+        self._without_previews: set[int] = set()  # ids of the queues that asked for none
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop events are delivered on (the engine's)."""
         self._loop = loop
 
-    def subscribe(self, job_id: int | None) -> asyncio.Queue[JobEvent]:
-        """A queue receiving ``job_id``'s events (None: every job's)."""
+    def subscribe(self, job_id: int | None, *, previews: bool = True) -> asyncio.Queue[JobEvent]:
+        """A queue receiving ``job_id``'s events (None: every job's).
+
+        Args:
+            previews: Whether this subscriber wants preview images (they are only made when someone does).
+        """
         queue: asyncio.Queue[JobEvent] = asyncio.Queue(self.maxsize)
         self._subscribers[job_id].append(queue)
+        if previews:
+            self._preview_wanted[job_id] += 1
+        else:
+            self._without_previews.add(id(queue))
         return queue
 
     def unsubscribe(self, job_id: int | None, queue: asyncio.Queue[JobEvent]) -> None:
         subscribers = self._subscribers.get(job_id, [])
         if queue in subscribers:
             subscribers.remove(queue)
+            if id(queue) in self._without_previews:
+                self._without_previews.discard(id(queue))
+            else:
+                self._preview_wanted[job_id] -= 1
+                if self._preview_wanted[job_id] <= 0:
+                    del self._preview_wanted[job_id]
         if not subscribers:
             self._subscribers.pop(job_id, None)
 
     def watched(self, job_id: int) -> bool:
-        """Whether anyone listens to this job (previews are only made for watched jobs)."""
+        """Whether anyone listens to this job."""
         return bool(self._subscribers.get(job_id) or self._subscribers.get(None))
+
+    def wants_previews(self, job_id: int) -> bool:
+        """Whether a subscriber of this job (or of every job) wants preview images."""
+        return self._preview_wanted[job_id] > 0 or self._preview_wanted[None] > 0
 
     def publish(self, event: JobEvent) -> None:
         """Deliver now (event loop only)."""

@@ -92,7 +92,7 @@ class _Sink:
 
     def wants_preview(self, job_id: int, done: int, total: int) -> bool:
         every = self.options.preview_every
-        return bool(every) and done % every == 0 and done < total and self.hub.watched(job_id)
+        return bool(every) and done % every == 0 and done < total and self.hub.wants_previews(job_id)
 
     def preview(self, job_id: int, done: int, latents: torch.Tensor, model: LoadedModel) -> None:
         from pipelines.previews import latents_to_preview, rgb_factors_for
