@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         600.0, gt=0, description="No progress this long: the worker gives the job up."
     )
     preview_every: int = Field(5, ge=0, description="Steps between live previews (0: none).")
+    import_hosts: list[str] | None = Field(
+        None,
+        description="Hosts `/lora import` may fetch from (a leading dot allows subdomains); "
+        "default: Hugging Face and Civitai and their download CDNs.",
+    )
+    import_timeout_s: float = Field(300.0, gt=0, description="A URL import taking longer is stopped.")
     discord_token: SecretStr | None = None
     log_level: str = "INFO"
 
