@@ -1,0 +1,31 @@
+"""A local double of Discord's REST API and gateway for end-to-end tests of a real discord.py bot.
+
+Usage (the `double` fixture in fixtures.py does the first two lines)::
+
+    async with DiscordDouble() as double:
+        with double.install(discord):
+            guild = double.add_guild()
+            alice = double.add_user("alice", guild, permissions=["manage_guild"])
+            async with double.run_bot(MyBot()):
+                record = await double.slash(alice, guild, None, "echo", options={"text": "hi"})
+                message = await record.final_message()
+            double.assert_clean()
+"""
+
+from __future__ import annotations
+
+from .models import Channel, Guild, Role, StoredFile, StoredMessage, User
+from .records import Action, InteractionRecord
+from .server import DiscordDouble
+
+__all__ = [
+    "Action",
+    "Channel",
+    "DiscordDouble",
+    "Guild",
+    "InteractionRecord",
+    "Role",
+    "StoredFile",
+    "StoredMessage",
+    "User",
+]
