@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pipelines.cli import Command
 from pipelines.cli import main as cli_main
 from pipelines.settings import Settings, load_settings
 
@@ -31,20 +33,28 @@ NO_TOKEN = (
 )
 
 
-def build_bot(engine: Engine) -> commands.Bot:
+def build_bot(engine: Engine, **options: Any) -> commands.Bot:
     """The discord.py bot with dreamcord's cogs; commands are synced only on request, never at start."""
     import discord
     from discord.ext import commands
 
+    from cogs.assets import Assets
+    from cogs.common import install_error_handler
     from cogs.generate import Generate
+    from cogs.history import History
+    from cogs.job_buttons import JobButton
 
     intents = discord.Intents.default()
 
     class DreamcordBot(commands.Bot):
         async def setup_hook(self) -> None:
+            install_error_handler(self.tree)
+            self.add_dynamic_items(JobButton)  # buttons keep working after a restart
             await self.add_cog(Generate(self, engine))
+            await self.add_cog(Assets(self, engine))
+            await self.add_cog(History(self, engine))
 
-    return DreamcordBot(command_prefix=commands.when_mentioned, intents=intents, help_command=None)
+    return DreamcordBot(command_prefix=commands.when_mentioned, intents=intents, help_command=None, **options)
 
 
 async def run_bot(settings: Settings) -> None:
@@ -58,6 +68,21 @@ async def run_bot(settings: Settings) -> None:
             await bot.start(settings.discord_token.get_secret_value())
 
 
+async def command_payloads(settings: Settings) -> list[dict[str, Any]]:
+    """The exact application-command payloads the bot sends to Discord's bulk-overwrite endpoint."""
+    from pipelines.engine import Engine
+
+    bot = build_bot(Engine(settings, start_worker=False))  # not opened: nothing is read or run
+    await bot.setup_hook()
+    return [command.to_dict(bot.tree) for command in bot.tree.get_commands()]
+
+
+def _cmd_commands(args: argparse.Namespace) -> int:
+    payloads = asyncio.run(command_payloads(load_settings()))
+    print(json.dumps(payloads, indent=2 if not args.json else None))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     if settings.discord_token is None:
@@ -68,14 +93,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+EXTRA_COMMANDS: dict[str, tuple[str, Command]] = {
+    "run": ("start the Discord bot", _cmd_run),
+    "commands": ("print the slash-command payloads the bot registers with Discord (JSON)", _cmd_commands),
+}
+
+
 def cli() -> None:
     """The ``dreamcord`` console script."""
-    sys.exit(cli_main(extra={"run": ("start the Discord bot", _cmd_run)}))
+    sys.exit(cli_main(extra=EXTRA_COMMANDS))
 
 
 def main() -> None:
     """``python bot.py``: start the bot."""
-    sys.exit(cli_main(["run"], extra={"run": ("start the Discord bot", _cmd_run)}))
+    sys.exit(cli_main(["run"], extra=EXTRA_COMMANDS))
 
 
 if __name__ == "__main__":

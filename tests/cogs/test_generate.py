@@ -1,102 +1,188 @@
-"""The /imagine cog: its command payload and its replies, with a fake interaction (the real Discord
-round trip arrives with the local Discord double)."""
+"""Generation through Discord, end to end: the real dreamcord bot (real discord.py client) against the
+local Discord double, a real engine and the shapes model."""
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import discord
-import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from bot import build_bot
-from cogs.generate import Generate
 from pipelines.engine import Engine
-from pipelines.settings import Settings
 from storage.tables import Job
+from tests.cogs.conftest import settled_message, wait_job_message
+from tests.discord_double import DiscordDouble, Guild, User
+from tests.discord_double.rules import check_command
 
 
-@dataclass
-class FakeResponse:
-    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    async def send_message(self, content: str | None = None, **kwargs: Any) -> None:
-        self.calls.append(("send_message", {"content": content, **kwargs}))
-
-    async def defer(self, **kwargs: Any) -> None:
-        self.calls.append(("defer", kwargs))
-
-
-@dataclass
-class FakeFollowup:
-    calls: list[dict[str, Any]] = field(default_factory=list)
-
-    async def send(self, content: str | None = None, **kwargs: Any) -> None:
-        self.calls.append({"content": content, **kwargs})
+def _png(
+    size: tuple[int, int] = (64, 64), colour: str = "white", mask_box: tuple[int, int, int, int] | None = None
+) -> bytes:
+    image = Image.new("L" if mask_box else "RGB", size, 0 if mask_box else colour)
+    if mask_box:
+        image.paste(255, mask_box)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-@dataclass
-class FakeUser:
-    id: int = 111
-
-
-@dataclass
-class FakeInteraction:
-    user: FakeUser = field(default_factory=FakeUser)
-    guild_id: int | None = 222
-    channel_id: int | None = 333
-    response: FakeResponse = field(default_factory=FakeResponse)
-    followup: FakeFollowup = field(default_factory=FakeFollowup)
-
-
-@pytest.fixture
-async def cog(tmp_path: Path, tiny_models: Path) -> Generate:
-    async with Engine(Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models)) as engine:
-        yield Generate(build_bot(engine), engine)
-
-
-async def _jobs(cog: Generate) -> int:
-    async with cog.engine.db.sessions() as session:
+async def _jobs(engine: Engine) -> int:
+    async with engine.db.sessions() as session:
         return int(await session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
-def test_imagine_payload_fits_discords_rules(tmp_path: Path) -> None:
-    command = Generate.imagine
-    payload = command.to_dict(
-        discord.app_commands.CommandTree(discord.Client(intents=discord.Intents.none()))
+async def test_every_command_payload_passes_discords_rules(double: DiscordDouble, bot: Any) -> None:
+    synced = double.commands()
+    names = {command["name"] for command in synced}
+    assert {
+        "imagine",
+        "img2img",
+        "inpaint",
+        "erase",
+        "controlnet",
+        "upscale",
+        "queue",
+        "cancel",
+        "lora",
+    } <= names
+    for command in synced:
+        assert check_command(command) == [], command["name"]
+    double.assert_clean()
+
+
+async def test_imagine_progress_result_buttons_then_upscale(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User
+) -> None:
+    record = await double.slash(
+        alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 12, "seed": 5}
     )
-    assert payload["name"] == "imagine" and 1 <= len(payload["description"]) <= 100
-    assert len(payload["options"]) <= 25
-    for option in payload["options"]:
-        assert option["name"].islower() and len(option["name"]) <= 32
-        assert 1 <= len(option["description"]) <= 100
-        assert len(option.get("choices", [])) <= 25
-    assert payload["options"][0]["name"] == "prompt" and payload["options"][0]["required"]
+    first = await record.response()
+    assert first.callback_type == 5 and first.at < 3.0  # deferred within Discord's 3 seconds
+    message = await wait_job_message(double, record)
+    texts = [str(a.payload.get("content")) for a in record.actions if a.payload]
+    assert any("next in line" in t or "in the queue" in t for t in texts), texts  # the position first
+    assert any("step" in t for t in texts), texts  # then progress edits
+    assert message.attachments and message.attachments[0]["filename"].endswith(".png")
+    with Image.open(io.BytesIO(message.file_bytes(0))) as png:
+        assert png.size == (64, 64) and "Seed: 5" in png.info["parameters"]
+    custom_ids = [c["custom_id"] for row in message.components for c in row["components"]]
+    assert "dc:up:1:0" in custom_ids and "dc:reroll:1" in custom_ids
+    upscale = await double.click(alice, message, message.custom_id("U1"))
+    result = await wait_job_message(double, upscale)
+    with Image.open(io.BytesIO(result.file_bytes(0))) as png:
+        assert png.size == (128, 128)  # the default upscale is 2×
+    assert await _jobs(engine) == 2
+    double.assert_clean()
 
 
-async def test_bad_input_gets_one_ephemeral_sentence_and_stores_nothing(cog: Generate) -> None:
-    interaction = FakeInteraction()
-    await Generate.imagine.callback(cog, interaction, prompt="a red circle", width=65, height=64)
-    [(kind, sent)] = interaction.response.calls
-    assert kind == "send_message" and sent["ephemeral"] is True
-    assert "multiple of 8" in sent["content"]
-    assert await _jobs(cog) == 0
-
-
-async def test_imagine_defers_then_posts_the_image(cog: Generate) -> None:
-    interaction = FakeInteraction()
-    await Generate.imagine.callback(
-        cog, interaction, prompt="a red circle on a blue background", steps=4, seed=9
+async def test_bad_input_gets_one_ephemeral_sentence_and_stores_nothing(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User
+) -> None:
+    record = await double.slash(
+        alice, guild, None, "imagine", options={"prompt": "a red circle", "width": 65}
     )
-    assert [kind for kind, _ in interaction.response.calls] == ["defer"]
-    [posted] = interaction.followup.calls
-    [file] = posted["files"]
-    with Image.open(io.BytesIO(file.fp.read())) as png:
-        assert png.size == (64, 64) and "Seed: 9" in png.info["parameters"]
-    fields = {f.name: f.value for f in posted["embed"].fields}
-    assert fields["Seed"] == "9" and fields["Model"] == "shapes"
-    assert await _jobs(cog) == 1
+    reply = await settled_message(record, lambda m: m.ephemeral and "multiple of 8" in (m.content or ""))
+    assert reply.content.count(".") <= 2  # one sentence (with its hint)
+    assert await _jobs(engine) == 0
+    unknown = await double.slash(alice, guild, None, "imagine", options={"prompt": "x <lora:nothing:1>"})
+    reply = await settled_message(unknown, lambda m: m.ephemeral and bool(m.content))
+    assert "There is no LoRA called nothing" in reply.content
+    assert await _jobs(engine) == 0
+    double.assert_clean()
+
+
+async def test_inpaint_with_two_attachments(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User
+) -> None:
+    image = double.add_attachment("photo.png", _png(colour="blue"), "image/png")
+    mask = double.add_attachment("mask.png", _png(mask_box=(16, 16, 48, 48)), "image/png")
+    record = await double.slash(
+        alice,
+        guild,
+        None,
+        "inpaint",
+        options={"prompt": "a red circle", "seed": 3},
+        attachments={"image": image, "mask": mask},
+    )
+    message = await wait_job_message(double, record)
+    assert message.attachments, message.content
+    with Image.open(io.BytesIO(message.file_bytes(0))) as png:
+        assert png.size == (64, 64) and "Mask blur" in png.info["parameters"]
+    double.assert_clean()
+
+
+async def test_remix_modal_makes_a_new_job_with_the_edits(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User
+) -> None:
+    record = await double.slash(alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 4})
+    message = await wait_job_message(double, record)
+    click = await double.click(alice, message, message.custom_id("Remix"))
+    modal = await click.response()
+    assert modal.callback_type == 9
+    remix = await double.submit_modal(
+        alice,
+        modal.payload["data"]["custom_id"],
+        _modal_values(modal.payload, prompt="a blue square", seed="42"),
+    )
+    result = await wait_job_message(double, remix)
+    with Image.open(io.BytesIO(result.file_bytes(0))) as png:
+        assert "a blue square" in png.info["parameters"] and "Seed: 42" in png.info["parameters"]
+    double.assert_clean()
+
+
+def _modal_values(payload: dict[str, Any], **changes: str) -> dict[str, str]:
+    values = {}
+    for row in payload["data"]["components"]:
+        for component in row["components"]:
+            label = component["label"].lower()
+            key = next((name for name in changes if label.startswith(name)), None)
+            values[component["custom_id"]] = changes[key] if key else component.get("value", "")
+    return values
+
+
+async def test_buttons_work_after_a_restart(
+    double: DiscordDouble, running_bot: Any, engine: Engine, guild: Guild, alice: User
+) -> None:
+    async with running_bot(engine):
+        record = await double.slash(
+            alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 4}
+        )
+        message = await wait_job_message(double, record)
+    async with running_bot(engine):  # a new bot process would know nothing but the custom_id
+        reroll = await double.click(alice, message, message.custom_id("Reroll"))
+        again = await wait_job_message(double, reroll)
+        assert again.attachments
+    double.assert_clean()
+
+
+async def test_others_cannot_delete_and_the_owner_can(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User, bob: User
+) -> None:
+    record = await double.slash(alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 4})
+    message = await wait_job_message(double, record)
+    refused = await double.click(bob, message, message.custom_id("Delete"))
+    reply = await settled_message(refused, lambda m: m.ephemeral and bool(m.content))
+    assert "Only the person who made this image" in reply.content
+    assert not message.deleted
+    deleted = await double.click(alice, message, message.custom_id("Delete"))
+    await deleted.settled()
+    assert message.deleted
+    double.assert_clean()
+
+
+async def test_cancel_button_stops_a_queued_job(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User
+) -> None:
+    engine.queue.pause()
+    record = await double.slash(alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 4})
+    queued = await settled_message(
+        record, lambda m: "queue" in (m.content or "") or "next in line" in (m.content or "")
+    )
+    click = await double.click(alice, queued, queued.custom_id("Cancel"))
+    reply = await settled_message(click, lambda m: m.ephemeral and "cancelled" in (m.content or ""))
+    assert reply.content == "Job 1 cancelled."
+    final = await wait_job_message(double, record)
+    assert "was cancelled" in final.content
+    engine.queue.resume()
+    double.assert_clean()

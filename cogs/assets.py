@@ -1,0 +1,251 @@
+"""``/lora``, ``/embedding``, ``/hypernet``, ``/vae``: upload, import, list, info, share, rename, delete.
+
+One group per kind, built from one class. Uploads are checked by the adapter validation before anything
+is stored; the answer says what was detected ("LoRA, kohya format, SD 1.5, rank 16").
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.common import answer, error_text
+from pipelines.asset_uploads import add_asset_file, name_from_filename, remove_asset_file
+from storage.assets import list_usable_assets, rename_asset, set_visibility, usable_names
+from storage.errors import InvalidRequestError, NotFoundError
+from storage.tables import AssetKind, Visibility
+
+if TYPE_CHECKING:
+    from pipelines.engine import Engine
+
+__all__ = ["KIND_COMMANDS", "AssetGroup", "Assets", "how_to_use"]
+
+log = logging.getLogger(__name__)
+
+#: command name -> asset kind
+KIND_COMMANDS = {
+    "lora": AssetKind.LORA,
+    "embedding": AssetKind.EMBEDDING,
+    "hypernet": AssetKind.HYPERNETWORK,
+    "vae": AssetKind.VAE,
+}
+SHARE_CHOICES = [
+    app_commands.Choice(name="only me", value="private"),
+    app_commands.Choice(name="this server", value="guild"),
+]
+
+
+def how_to_use(kind: AssetKind, name: str) -> str:
+    """The prompt syntax (or option) that uses an asset."""
+    return {
+        AssetKind.LORA: f"<lora:{name}:0.8>",
+        AssetKind.EMBEDDING: name,
+        AssetKind.HYPERNETWORK: f"<hypernet:{name}:1>",
+        AssetKind.VAE: f"vae:{name}",
+    }.get(kind, name)
+
+
+class AssetGroup(app_commands.Group):
+    """The commands of one asset kind."""
+
+    def __init__(self, engine: Engine, name: str, kind: AssetKind) -> None:
+        super().__init__(name=name, description=f"Your {kind.label}s: upload, list, share, rename, delete.")
+        self.engine = engine
+        self.kind = kind
+
+    async def names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """Autocomplete: the names this user may use here."""
+        async with self.engine.db.sessions() as session:
+            rows = await list_usable_assets(
+                session, user_id=interaction.user.id, guild_id=interaction.guild_id, kind=self.kind
+            )
+        names = [n for n in usable_names(rows) if current.lower() in n.lower()]
+        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await answer(interaction, error_text(error))
+
+    @app_commands.command(name="upload")
+    async def upload(
+        self, interaction: discord.Interaction, file: discord.Attachment, name: str | None = None
+    ) -> None:
+        """Add a file (.safetensors preferred; .pt/.bin/.ckpt are read without running code).
+
+        Args:
+            file: The file.
+            name: The name to use in prompts (default: the file's name).
+        """
+        cap = self.engine.asset_caps.get(self.kind, 1024 * 2**20)
+        if file.size > cap:  # refused before anything is downloaded
+            raise InvalidRequestError(
+                f"That file is {file.size / 2**20:.0f} MB; "
+                f"{self.kind.label}s may be at most {cap // 2**20} MB."
+            )
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        with tempfile.TemporaryDirectory(prefix="dreamcord-upload-") as scratch:
+            path = Path(scratch) / "upload"  # the user's file name never reaches the disk
+            path.write_bytes(await file.read())
+            added = await add_asset_file(
+                self.engine,
+                path,
+                name=name or name_from_filename(file.filename),
+                owner_id=interaction.user.id,
+                guild_id=interaction.guild_id,
+                kind=self.kind,
+            )
+        await interaction.followup.send(
+            f"Added {added.summary()}. Use it with `{how_to_use(self.kind, added.name)}` — it is private "
+            f"until you `/{self.name} share` it.",
+            ephemeral=True,
+        )
+
+    @app_commands.command(name="import")
+    async def import_(self, interaction: discord.Interaction, url: str, name: str | None = None) -> None:
+        """Fetch a file from an allowed site (Hugging Face, Civitai, ...) by its https link.
+
+        Args:
+            url: The https download link.
+            name: The name to use in prompts (default: the file's name).
+        """
+        from pipelines.url_import import DEFAULT_ALLOWED_HOSTS, check_url, fetch_to_file
+
+        settings = self.engine.settings
+        hosts = settings.import_hosts if settings.import_hosts is not None else DEFAULT_ALLOWED_HOSTS
+        check_url(url, hosts)  # a bad link is refused before anything is acknowledged or fetched
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        imports = settings.data_dir / "imports"
+        imports.mkdir(parents=True, exist_ok=True)
+        fetched = await fetch_to_file(
+            url,
+            imports,
+            allowed_hosts=hosts,
+            max_bytes=self.engine.asset_caps.get(self.kind, 1024 * 2**20),
+            timeout_s=settings.import_timeout_s,
+        )
+        try:
+            added = await add_asset_file(
+                self.engine,
+                fetched.path,
+                name=name or name_from_filename(fetched.filename or "import"),
+                owner_id=interaction.user.id,
+                guild_id=interaction.guild_id,
+                kind=self.kind,
+            )
+        finally:
+            fetched.path.unlink(missing_ok=True)
+        await interaction.followup.send(
+            f"Imported {added.summary()}. Use it with `{how_to_use(self.kind, added.name)}`.", ephemeral=True
+        )
+
+    @app_commands.command(name="list")
+    async def list_(self, interaction: discord.Interaction) -> None:
+        """The ones you can use here: yours, this server's shared ones, public ones."""
+        async with self.engine.db.sessions() as session:
+            rows = await list_usable_assets(
+                session, user_id=interaction.user.id, guild_id=interaction.guild_id, kind=self.kind
+            )
+        if not rows:
+            await answer(
+                interaction,
+                f"There are no {self.kind.label}s you can use here yet; `/{self.name} upload` one.",
+            )
+            return
+        lines = [
+            f"`{row.name}` — {row.family}, {row.format}"
+            + ("" if row.owner_id == interaction.user.id else " (shared)")
+            + ("" if row.visibility != Visibility.PRIVATE else " · private")
+            for row in rows[:40]
+        ]
+        await answer(interaction, "\n".join(lines)[:2000])
+
+    @app_commands.command(name="info")
+    async def info(self, interaction: discord.Interaction, name: str) -> None:
+        """What a file is and how to use it.
+
+        Args:
+            name: Its name.
+        """
+        async with self.engine.db.sessions() as session:
+            rows = await list_usable_assets(
+                session, user_id=interaction.user.id, guild_id=interaction.guild_id, kind=self.kind
+            )
+        row = next((r for r in rows if r.name.lower() == name.strip().lower()), None)
+        if row is None:
+            raise NotFoundError(f"There is no {self.kind.label} called {name.strip()} that you can use here.")
+        await answer(
+            interaction,
+            f"`{row.name}`: {self.kind.with_article}, {row.format} format, {row.family}, "
+            f"{row.size / 2**20:.1f} MB, hash {row.short_hash}, {row.visibility.value}. "
+            f"Use it with `{how_to_use(self.kind, row.name)}`.",
+        )
+
+    @app_commands.command(name="share")
+    @app_commands.choices(with_=SHARE_CHOICES)
+    @app_commands.rename(with_="with")
+    async def share(self, interaction: discord.Interaction, name: str, with_: str = "guild") -> None:
+        """Share one of yours with this server, or make it private again.
+
+        Args:
+            name: Its name.
+            with_: Who may use it.
+        """
+        async with self.engine.db.sessions.begin() as session:
+            row = await set_visibility(
+                session, owner_id=interaction.user.id, kind=self.kind, name=name, visibility=Visibility(with_)
+            )
+            label = row.name
+        await answer(
+            interaction, f"`{label}` is now {'shared with this server' if with_ == 'guild' else 'private'}."
+        )
+
+    @app_commands.command(name="rename")
+    async def rename(self, interaction: discord.Interaction, name: str, new_name: str) -> None:
+        """Rename one of yours.
+
+        Args:
+            name: Its name now.
+            new_name: The new name.
+        """
+        async with self.engine.db.sessions.begin() as session:
+            row = await rename_asset(
+                session, owner_id=interaction.user.id, kind=self.kind, name=name, new_name=new_name
+            )
+            label = row.name
+        await answer(interaction, f"Renamed to `{label}`; use `{how_to_use(self.kind, label)}`.")
+
+    @app_commands.command(name="delete")
+    async def delete(self, interaction: discord.Interaction, name: str) -> None:
+        """Delete one of yours (jobs already made keep their images).
+
+        Args:
+            name: Its name.
+        """
+        await remove_asset_file(self.engine, owner_id=interaction.user.id, kind=self.kind, name=name)
+        await answer(interaction, f"Deleted your {self.kind.label} `{name.strip()}`.")
+
+
+for _command in (AssetGroup.info, AssetGroup.share, AssetGroup.rename, AssetGroup.delete):
+    _command.autocomplete("name")(AssetGroup.names)
+
+
+class Assets(commands.Cog):
+    """Holds the four asset groups."""
+
+    def __init__(self, bot: commands.Bot, engine: Engine) -> None:
+        self.bot = bot
+        self.engine = engine
+        self.groups = [AssetGroup(engine, name, kind) for name, kind in KIND_COMMANDS.items()]
+
+    async def cog_load(self) -> None:
+        for group in self.groups:
+            self.bot.tree.add_command(group)
+
+    async def cog_unload(self) -> None:
+        for group in self.groups:
+            self.bot.tree.remove_command(group.name)

@@ -1,0 +1,94 @@
+"""New jobs made from a finished one: reroll, variations, upscale, remix, use as init.
+
+The result buttons of a job carry only its id; after a restart the bot reads the stored spec back and
+builds the next job here (no Discord in this module). The new job belongs to whoever pressed the
+button: its adapters are resolved again for that user, so a private LoRA of someone else is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, TypedDict, Unpack
+
+from pipelines.jobs import JobKind, JobSpec
+from storage.errors import InvalidRequestError
+
+__all__ = ["STRENGTHS", "Who", "for_user", "remix_spec", "reroll_spec", "upscale_spec", "variation_spec"]
+
+
+class Who(TypedDict):
+    """Who asks for the new job, and where."""
+
+    user_id: int | None
+    guild_id: int | None
+    channel_id: int | None
+
+
+#: Denoising strength of a subtle and a strong variation (img2img of the chosen image).
+STRENGTHS = {"subtle": 0.35, "strong": 0.65}
+
+
+def for_user(spec: JobSpec, user_id: int | None, guild_id: int | None, channel_id: int | None) -> JobSpec:
+    """The spec as a new request of another user: a fresh seed, adapters to resolve again."""
+    return replace(spec, user_id=user_id, guild_id=guild_id, channel_id=channel_id, adapters=(), seed=-1)
+
+
+def reroll_spec(spec: JobSpec, **who: Unpack[Who]) -> JobSpec:
+    """The same request with a new seed."""
+    return for_user(spec, **who)
+
+
+def _from_image(spec: JobSpec, kind: JobKind, **changes: Any) -> JobSpec:
+    """A job on one result image (the caller passes the image as the job's init input)."""
+    base = for_user(spec, **_who(changes))
+    return replace(
+        base,
+        kind=kind,
+        init_image=None,
+        mask_image=None,
+        controls=(),
+        hires_scale=0.0,
+        width=0,
+        height=0,
+        batch=1,
+        **changes,
+    )
+
+
+def _who(changes: dict[str, Any]) -> dict[str, Any]:
+    return {key: changes.pop(key) for key in ("user_id", "guild_id", "channel_id")}
+
+
+def variation_spec(spec: JobSpec, strength_name: str, **who: Unpack[Who]) -> JobSpec:
+    """img2img of one result image (the init input) with the same prompt, subtly or strongly."""
+    if strength_name not in STRENGTHS:
+        raise InvalidRequestError(f"There is no {strength_name!r} variation; use subtle or strong.")
+    return _from_image(spec, JobKind.img2img, strength=STRENGTHS[strength_name], **dict(who))
+
+
+def upscale_spec(
+    spec: JobSpec, *, scale: float = 2.0, upscaler: str | None = None, **who: Unpack[Who]
+) -> JobSpec:
+    """One result image (the init input) enlarged by the default (or a named) upscaler."""
+    return _from_image(spec, JobKind.upscale, scale=scale, upscaler=upscaler, **dict(who))
+
+
+def remix_spec(spec: JobSpec, changes: dict[str, str], **who: Unpack[Who]) -> JobSpec:
+    """The request with fields edited in the Remix form (text values, checked here)."""
+    values: dict[str, Any] = {}
+    if "prompt" in changes:
+        values["prompt"] = changes["prompt"]
+    if "negative" in changes:
+        values["negative_prompt"] = changes["negative"]
+    for name, field, kind in (("steps", "steps", int), ("cfg", "cfg", float), ("seed", "seed", int)):
+        text = changes.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            values[field] = kind(text)
+        except ValueError:
+            raise InvalidRequestError(f"{name.capitalize()} must be a number, not {text!r}.") from None
+    remixed = for_user(spec, **who)
+    if "seed" in values:
+        remixed = replace(remixed, seed=values.pop("seed"))
+    return replace(remixed, **values)
