@@ -38,6 +38,7 @@ def build_bot(engine: Engine, **options: Any) -> commands.Bot:
     import discord
     from discord.ext import commands
 
+    from cogs.admin import Admin
     from cogs.assets import Assets
     from cogs.common import install_error_handler
     from cogs.generate import Generate
@@ -53,6 +54,7 @@ def build_bot(engine: Engine, **options: Any) -> commands.Bot:
             await self.add_cog(Generate(self, engine))
             await self.add_cog(Assets(self, engine))
             await self.add_cog(History(self, engine))
+            await self.add_cog(Admin(self, engine))
 
     return DreamcordBot(command_prefix=commands.when_mentioned, intents=intents, help_command=None, **options)
 

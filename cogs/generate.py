@@ -15,6 +15,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.admin import guild_policy
 from cogs.common import answer, error_text, read_image_attachment, refuse
 from cogs.job_buttons import progress_view
 from cogs.presenter import follow_job, queued_text
@@ -121,6 +122,7 @@ class Generate(commands.Cog):
         """Acknowledge, check, queue, and follow a job; every error is one ephemeral sentence."""
         await _defer(interaction)
         try:
+            spec = (await guild_policy(self.engine, interaction.guild_id)).apply(spec)  # the server's rules
             # bad input: one sentence, nothing stored; images are decoded off the event loop
             await asyncio.to_thread(self.engine.prepare, spec, inputs)
             submitted, notes = await self.engine.submit(spec, inputs)

@@ -1,0 +1,197 @@
+"""``/settings`` (server rules), ``/admin`` (sync, pause, resume, stats) and ``/forget-me``.
+
+Admin commands are hidden from members without Manage Server *and* checked again on the server side:
+Discord's default permissions can be changed by a server's owner, so they are not trusted alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.common import answer
+from pipelines.guild_policy import GuildPolicy, parse_banned
+from storage import jobs as job_rows
+from storage.errors import InvalidRequestError
+from storage.tables import JobStatus
+from storage.users import delete_user_data, ensure_guild, get_guild_settings, update_guild_settings
+
+if TYPE_CHECKING:
+    from pipelines.engine import Engine
+
+__all__ = ["Admin", "guild_policy"]
+
+log = logging.getLogger(__name__)
+
+NOT_ADMIN = "Only members with Manage Server can do that."
+
+
+async def guild_policy(engine: Engine, guild_id: int | None) -> GuildPolicy:
+    """The server's rules (defaults outside a server)."""
+    if guild_id is None:
+        return GuildPolicy()
+    async with engine.db.sessions() as session:
+        return GuildPolicy.from_settings(await get_guild_settings(session, guild_id))
+
+
+def _require_admin(interaction: discord.Interaction) -> int:
+    """The guild id, if the user may administer it here (checked server-side)."""
+    if interaction.guild_id is None:
+        raise InvalidRequestError("This only works in a server.")
+    if not interaction.permissions.manage_guild:
+        raise InvalidRequestError(NOT_ADMIN)
+    return interaction.guild_id
+
+
+class ForgetMeView(discord.ui.View):
+    """The confirmation of /forget-me (only its user can press it)."""
+
+    def __init__(self, cog: Admin, user_id: int) -> None:
+        super().__init__(timeout=120)
+        self.cog, self.user_id = cog, user_id
+
+    @discord.ui.button(label="Delete everything", style=discord.ButtonStyle.danger)
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+        if interaction.user.id != self.user_id:
+            await answer(interaction, "This button is not yours.")
+            return
+        removed = await self.cog.forget(self.user_id)
+        await interaction.response.edit_message(
+            content=f"Done: your jobs, images and uploads are deleted ({removed} file(s) removed).", view=None
+        )
+
+
+class Admin(commands.Cog):
+    """Server settings, bot administration and users' data rights."""
+
+    settings = app_commands.Group(
+        name="settings",
+        description="This server's rules for image generation (Manage Server).",
+        default_permissions=discord.Permissions(manage_guild=True),
+        guild_only=True,
+    )
+    admin = app_commands.Group(
+        name="admin",
+        description="Run the bot (Manage Server).",
+        default_permissions=discord.Permissions(manage_guild=True),
+        guild_only=True,
+    )
+
+    def __init__(self, bot: commands.Bot, engine: Engine) -> None:
+        self.bot = bot
+        self.engine = engine
+
+    # --- /settings -------------------------------------------------------------------------------
+
+    @settings.command(name="show")
+    async def settings_show(self, interaction: discord.Interaction) -> None:
+        """This server's rules."""
+        policy = await guild_policy(self.engine, _require_admin(interaction))
+        await answer(
+            interaction,
+            f"Default model: {policy.default_model or '(the bot default)'}\n"
+            f"Allowed models: {', '.join(policy.allowed_models) or 'all'}\n"
+            f"Banned words: {len(policy.banned_words)}\n"
+            f"Forced negative prompt: {policy.forced_negative or '(none)'}",
+        )
+
+    @settings.command(name="set")
+    async def settings_set(
+        self,
+        interaction: discord.Interaction,
+        default_model: str | None = None,
+        allowed_models: str | None = None,
+        banned_words: str | None = None,
+        forced_negative: str | None = None,
+    ) -> None:
+        """Change this server's rules (leave an option out to keep it; "-" clears it).
+
+        Args:
+            default_model: The model jobs use when none is named.
+            allowed_models: Comma-separated model names (empty: all).
+            banned_words: Comma-separated words or /regex/ patterns refused in prompts.
+            forced_negative: Text always added to the negative prompt.
+        """
+        guild_id = _require_admin(interaction)
+        changes: dict[str, Any] = {}
+        if default_model is not None:
+            name = None if default_model == "-" else self.engine.registry.require(default_model).name
+            changes["default_model"] = name
+        if allowed_models is not None:
+            names = (
+                [] if allowed_models == "-" else [m.strip() for m in allowed_models.split(",") if m.strip()]
+            )
+            changes["allowed_models"] = [self.engine.registry.require(m).name for m in names]
+        if banned_words is not None:
+            changes["banned_words"] = [] if banned_words == "-" else list(parse_banned(banned_words))
+        if forced_negative is not None:
+            changes["forced_negative"] = "" if forced_negative == "-" else forced_negative[:1000]
+        async with self.engine.db.sessions.begin() as session:
+            await ensure_guild(session, guild_id)
+            await update_guild_settings(session, guild_id, changes)
+        await answer(interaction, "Saved." if changes else "Nothing to change; name an option.")
+
+    # --- /admin ----------------------------------------------------------------------------------
+
+    @admin.command(name="sync")
+    async def admin_sync(self, interaction: discord.Interaction) -> None:
+        """Register the slash commands with Discord (after an update; never done on every start)."""
+        _require_admin(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        synced = await self.bot.tree.sync()
+        await interaction.followup.send(f"Synced {len(synced)} commands.", ephemeral=True)
+
+    @admin.command(name="pause")
+    async def admin_pause(self, interaction: discord.Interaction) -> None:
+        """Stop starting new jobs (running ones finish; new ones still queue)."""
+        _require_admin(interaction)
+        self.engine.queue.pause()
+        await answer(interaction, "The queue is paused; `/admin resume` starts it again.")
+
+    @admin.command(name="resume")
+    async def admin_resume(self, interaction: discord.Interaction) -> None:
+        """Start jobs again."""
+        _require_admin(interaction)
+        self.engine.queue.resume()
+        await answer(interaction, "The queue is running.")
+
+    @admin.command(name="stats")
+    async def admin_stats(self, interaction: discord.Interaction) -> None:
+        """Jobs by status, the queue, the worker's health."""
+        _require_admin(interaction)
+        async with self.engine.db.sessions() as session:
+            counts = {status: await job_rows.count_jobs(session, status=status) for status in JobStatus}
+        worker = "stuck (a job made no progress; see the log)" if self.engine.worker.stuck else "healthy"
+        lines = [f"{status.value}: {count}" for status, count in counts.items()]
+        lines.append(
+            f"queue: {len(self.engine.queue.scheduler)} waiting, {len(self.engine.queue.running())} running"
+            + (" (paused)" if self.engine.queue.paused else "")
+        )
+        lines.append(f"worker: {worker}")
+        await answer(interaction, "\n".join(lines))
+
+    # --- /forget-me ------------------------------------------------------------------------------
+
+    @app_commands.command(name="forget-me")
+    async def forget_me(self, interaction: discord.Interaction) -> None:
+        """Delete everything the bot keeps about you: jobs, images, uploads, settings."""
+        await interaction.response.send_message(
+            "This deletes all your jobs, images and uploaded files, for good. Sure?",
+            view=ForgetMeView(self, interaction.user.id),
+            ephemeral=True,
+        )
+
+    async def forget(self, user_id: int) -> int:
+        """Cancel the user's jobs, delete their rows and the files nobody else uses; returns files removed."""
+        for status in self.engine.queue.jobs_of(user_id):
+            await self.engine.cancel(status.job_id, user_id)
+        async with self.engine.db.sessions.begin() as session:
+            orphans = await delete_user_data(session, user_id)
+        for sha in orphans:
+            self.engine.files.delete(sha)
+        log.info("forgot user %d (%d files)", user_id, len(orphans))
+        return len(orphans)

@@ -1,0 +1,86 @@
+"""A server's rules for jobs: default and allowed models, banned words, a forced negative prompt.
+
+Stored in the guild's settings JSON (``storage.users``); applied to every job from that server before it
+is checked, so a refused prompt stores nothing. No Discord here: the cogs pass the guild id and whether the
+channel is age-restricted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pipelines.jobs import JobSpec
+from storage.errors import InvalidRequestError
+
+__all__ = ["POLICY_KEYS", "GuildPolicy", "parse_banned"]
+
+POLICY_KEYS = ("default_model", "allowed_models", "banned_words", "forced_negative")
+MAX_BANNED = 200
+
+
+@dataclass(frozen=True)
+class GuildPolicy:
+    """What a server's admins decided (Manage Server)."""
+
+    default_model: str | None = None
+    allowed_models: tuple[str, ...] = ()  # empty: every model
+    banned_words: tuple[str, ...] = ()  # words, or /regex/ patterns
+    forced_negative: str = ""
+    _patterns: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> GuildPolicy:
+        policy = cls(
+            default_model=settings.get("default_model") or None,
+            allowed_models=tuple(settings.get("allowed_models") or ()),
+            banned_words=tuple(settings.get("banned_words") or ()),
+            forced_negative=str(settings.get("forced_negative") or ""),
+        )
+        return replace(policy, _patterns=tuple(_compile(word) for word in policy.banned_words))
+
+    def to_settings(self) -> dict[str, Any]:
+        return {
+            "default_model": self.default_model,
+            "allowed_models": list(self.allowed_models),
+            "banned_words": list(self.banned_words),
+            "forced_negative": self.forced_negative,
+        }
+
+    def apply(self, spec: JobSpec) -> JobSpec:
+        """The job under this server's rules; raises with one sentence when a rule forbids it."""
+        for pattern in self._patterns:
+            if pattern.search(spec.prompt):
+                raise InvalidRequestError("Your prompt uses a word this server does not allow; rephrase it.")
+        model = spec.model or self.default_model
+        if self.allowed_models and model is not None and model not in self.allowed_models:
+            raise InvalidRequestError(
+                f"This server allows only these models: {', '.join(self.allowed_models)}."
+            )
+        negative = spec.negative_prompt
+        if self.forced_negative and self.forced_negative not in negative:
+            negative = f"{self.forced_negative}, {negative}" if negative else self.forced_negative
+        return replace(spec, model=model, negative_prompt=negative)
+
+
+def _compile(word: str) -> re.Pattern[str]:
+    """``/regex/`` is a pattern; anything else a whole word, case-insensitively."""
+    if len(word) > 2 and word.startswith("/") and word.endswith("/"):
+        try:
+            return re.compile(word[1:-1], re.IGNORECASE)
+        except re.error as exc:
+            raise InvalidRequestError(
+                f"The banned pattern {word} is not a valid regular expression: {exc}."
+            ) from None
+    return re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+
+
+def parse_banned(text: str) -> tuple[str, ...]:
+    """A comma-separated list from the settings command, checked (patterns compile, at most 200)."""
+    words = tuple(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+    if len(words) > MAX_BANNED:
+        raise InvalidRequestError(f"Keep the banned list to {MAX_BANNED} entries.")
+    for word in words:
+        _compile(word)
+    return words

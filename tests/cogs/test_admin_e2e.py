@@ -1,0 +1,93 @@
+"""Server rules, bot administration and /forget-me through the Discord double."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import func, select
+
+from pipelines.engine import Engine
+from storage.tables import Job
+from tests.cogs.conftest import settled_message, wait_job_message
+from tests.discord_double import DiscordDouble, Guild, User
+
+
+def _said(text: str) -> Any:
+    return lambda m: m.ephemeral and text in (m.content or "")
+
+
+async def _jobs(engine: Engine, user: int | None = None) -> int:
+    query = select(func.count()).select_from(Job)
+    if user is not None:
+        query = query.where(Job.user_id == user)
+    async with engine.db.sessions() as session:
+        return int(await session.scalar(query) or 0)
+
+
+async def test_server_rules_apply_to_every_job(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User, admin: User
+) -> None:
+    record = await double.slash(
+        admin,
+        guild,
+        None,
+        "settings",
+        subcommand="set",
+        options={"banned_words": "square, /bl(u|o)e/", "forced_negative": "blurry"},
+    )
+    await settled_message(record, _said("Saved."))
+    banned = await double.slash(alice, guild, None, "imagine", options={"prompt": "a red SQUARE"})
+    await settled_message(banned, _said("does not allow"))
+    regex = await double.slash(alice, guild, None, "imagine", options={"prompt": "a bloe circle"})
+    await settled_message(regex, _said("does not allow"))
+    assert await _jobs(engine) == 0
+    allowed = await double.slash(
+        alice, guild, None, "imagine", options={"prompt": "a squared red circle", "steps": 4}
+    )
+    message = await wait_job_message(double, allowed)
+    with Image.open(io.BytesIO(message.file_bytes(0))) as png:
+        assert "Negative prompt: blurry" in png.info["parameters"]
+    shown = await double.slash(admin, guild, None, "settings", subcommand="show")
+    await settled_message(shown, _said("Forced negative prompt: blurry"))
+    double.assert_clean()
+
+
+async def test_admin_pause_resume_stats_and_sync(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User, admin: User
+) -> None:
+    paused = await double.slash(admin, guild, None, "admin", subcommand="pause")
+    await settled_message(paused, _said("paused"))
+    job = await double.slash(alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 4})
+    await settled_message(job, lambda m: "next in line" in (m.content or ""))
+    stats = await double.slash(admin, guild, None, "admin", subcommand="stats")
+    await settled_message(stats, _said("1 waiting, 0 running (paused)"))
+    resumed = await double.slash(admin, guild, None, "admin", subcommand="resume")
+    await settled_message(resumed, _said("running"))
+    assert (await wait_job_message(double, job)).attachments
+    synced = await double.slash(admin, guild, None, "admin", subcommand="sync")
+    await settled_message(synced, _said("Synced"))
+    double.assert_clean()
+
+
+async def test_forget_me_deletes_the_users_jobs_and_files(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User, bob: User
+) -> None:
+    mine = await double.slash(
+        alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 4, "seed": 1}
+    )
+    theirs = await double.slash(
+        bob, guild, None, "imagine", options={"prompt": "a blue square", "steps": 4, "seed": 2}
+    )
+    await wait_job_message(double, mine)
+    await wait_job_message(double, theirs)
+    files_before = set(engine.files.iter_hashes())
+    ask = await double.slash(alice, guild, None, "forget-me")
+    prompt = await settled_message(ask, _said("Sure?"))
+    confirm = await double.click(alice, prompt, prompt.custom_id("Delete everything"))
+    await confirm.settled()
+    assert await _jobs(engine, alice.id) == 0 and await _jobs(engine, bob.id) == 1
+    files_after = set(engine.files.iter_hashes())
+    assert files_after < files_before  # alice's images are gone, bob's stay
+    double.assert_clean()
