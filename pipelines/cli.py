@@ -86,6 +86,7 @@ def build_parser(extra: dict[str, tuple[str, Command]] | None = None) -> argpars
 
     for name, (help_text, func) in (extra or {}).items():
         p = sub.add_parser(name, help=help_text)
+        p.add_argument("--json", action="store_true", help="compact JSON (where the command prints JSON)")
         p.set_defaults(func=func)
     return parser
 
