@@ -24,7 +24,9 @@ from pipelines.inputs import JobInputs
 from pipelines.jobs import CONTROL_TYPES, ControlUnit, JobKind, JobSpec
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLERS
 from storage import jobs as job_rows
+from storage.assets import list_usable_assets, usable_names
 from storage.errors import BotError, NotFoundError
+from storage.tables import AssetKind
 
 if TYPE_CHECKING:
     from pipelines.engine import Engine
@@ -174,6 +176,8 @@ class Generate(commands.Cog):
         count: app_commands.Range[int, 1, 4] = 1,
         vae: str | None = None,
         hires: app_commands.Range[float, 0.0, 4.0] = 0.0,
+        lora: str | None = None,
+        lora_weight: app_commands.Range[float, -5.0, 5.0] = 0.8,
     ) -> None:
         """Draw images from a text prompt (webui prompt syntax, <lora:name:0.8> included).
 
@@ -191,8 +195,12 @@ class Generate(commands.Cog):
             count: How many images, 1-4.
             vae: One of your VAEs, by name.
             hires: Hires fix upscale factor (1.5-2 is typical; 0: off).
+            lora: One of your LoRAs (or add <lora:name:weight> to the prompt).
+            lora_weight: The LoRA's strength.
         """
         w, h = self._size(model, size, width, height)
+        if lora:
+            prompt = f"{prompt} <lora:{lora.strip()}:{lora_weight:g}>"
         spec = JobSpec(
             prompt=prompt,
             negative_prompt=negative,
@@ -211,6 +219,28 @@ class Generate(commands.Cog):
         await self.run(interaction, spec)
 
     imagine.autocomplete("model")(model_autocomplete)
+
+    async def _asset_choices(
+        self, interaction: discord.Interaction, current: str, kind: AssetKind
+    ) -> list[app_commands.Choice[str]]:
+        async with self.engine.db.sessions() as session:
+            rows = await list_usable_assets(
+                session, user_id=interaction.user.id, guild_id=interaction.guild_id, kind=kind
+            )
+        names = [n for n in usable_names(rows) if current.lower() in n.lower()]
+        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
+
+    @imagine.autocomplete("lora")
+    async def lora_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await self._asset_choices(interaction, current, AssetKind.LORA)
+
+    @imagine.autocomplete("vae")
+    async def vae_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await self._asset_choices(interaction, current, AssetKind.VAE)
 
     @app_commands.command(name="img2img")
     async def img2img(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,12 @@ def _result_files(result: JobResult, limit: int) -> tuple[list[list[discord.File
     )
     messages = [list(message) for message in delivery.messages] or [[]]
     messages[0] = grid_file + messages[0]
+    for preview in result.previews:  # e.g. the preprocessed control map, when it fits beside the images
+        data = preview.path.read_bytes()
+        used = sum(len(d) for _, d in messages[-1])
+        if len(messages[-1]) < 10 and used + len(data) <= limit:
+            label = re.sub(r"[^a-z0-9]+", "-", preview.label.lower()).strip("-") or "preview"
+            messages[-1].append((f"dreamcord-{result.job_id}-{label}.png", data))
     return [
         [discord.File(io.BytesIO(data), filename=name) for name, data in message] for message in messages
     ], delivery.note

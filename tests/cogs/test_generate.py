@@ -186,3 +186,52 @@ async def test_cancel_button_stops_a_queued_job(
     assert "was cancelled" in final.content
     engine.queue.resume()
     double.assert_clean()
+
+
+async def test_controlnet_result_shows_the_preprocessed_map(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User
+) -> None:
+    sketch = Image.new("RGB", (64, 64), "white")
+    for x in range(16, 48):
+        sketch.putpixel((x, 32), (0, 0, 0))
+    buffer = io.BytesIO()
+    sketch.save(buffer, format="PNG")
+    control = double.add_attachment("sketch.png", buffer.getvalue(), "image/png")
+    record = await double.slash(
+        alice,
+        guild,
+        None,
+        "controlnet",
+        options={"prompt": "a red circle", "seed": 2},
+        attachments={"control": control},
+    )
+    message = await wait_job_message(double, record)
+    names = [a["filename"] for a in message.attachments]
+    assert names[0].endswith("-1.png") and any("scribble" in n or "control" in n for n in names[1:]), names
+    double.assert_clean()
+
+
+async def test_lora_and_vae_pickers_offer_only_what_the_user_may_use(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User, bob: User
+) -> None:
+    from pathlib import Path
+
+    lora = Path(__file__).resolve().parents[2] / "models" / "shapes" / "loras" / "purple-circles.safetensors"
+    upload = await double.slash(
+        alice,
+        guild,
+        None,
+        "lora",
+        subcommand="upload",
+        attachments={"file": double.add_attachment("purple.safetensors", lora.read_bytes())},
+    )
+    await settled_message(upload, lambda m: "Added" in (m.content or ""))
+    mine = await double.autocomplete(
+        alice, guild, None, "imagine", "lora", options={"prompt": "x", "lora": "pur"}
+    )
+    theirs = await double.autocomplete(
+        bob, guild, None, "imagine", "lora", options={"prompt": "x", "lora": "pur"}
+    )
+    assert [c["value"] for c in (await mine.response()).payload["data"]["choices"]] == ["purple"]
+    assert (await theirs.response()).payload["data"]["choices"] == []
+    double.assert_clean()
