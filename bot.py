@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from pipelines.engine import Engine
 
-__all__ = ["NO_TOKEN", "build_bot", "cli", "main", "run_bot"]
+__all__ = ["NO_TOKEN", "build_bot", "cli", "command_payloads", "main", "run_bot", "sync_commands"]
 
 log = logging.getLogger("dreamcord")
 
@@ -79,6 +79,28 @@ async def command_payloads(settings: Settings) -> list[dict[str, Any]]:
     return [command.to_dict(bot.tree) for command in bot.tree.get_commands()]
 
 
+async def sync_commands(settings: Settings) -> int:
+    """Log in, register the slash commands with Discord once, log out; returns how many were synced."""
+    from pipelines.engine import Engine
+
+    if settings.discord_token is None:
+        raise SystemExit(2)
+    bot = build_bot(Engine(settings, start_worker=False))
+    async with bot:
+        await bot.login(settings.discord_token.get_secret_value())  # runs setup_hook: the cogs are added
+        return len(await bot.tree.sync())
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if settings.discord_token is None:
+        print(NO_TOKEN, file=sys.stderr)
+        return 2
+    count = asyncio.run(sync_commands(settings))
+    print(json.dumps({"synced": count}) if args.json else f"Registered {count} slash commands with Discord.")
+    return 0
+
+
 def _cmd_commands(args: argparse.Namespace) -> int:
     payloads = asyncio.run(command_payloads(load_settings()))
     print(json.dumps(payloads, indent=2 if not args.json else None))
@@ -98,6 +120,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 EXTRA_COMMANDS: dict[str, tuple[str, Command]] = {
     "run": ("start the Discord bot", _cmd_run),
     "commands": ("print the slash-command payloads the bot registers with Discord (JSON)", _cmd_commands),
+    "sync-commands": ("register the slash commands with Discord (first start, after updates)", _cmd_sync),
 }
 
 

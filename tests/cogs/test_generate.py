@@ -10,6 +10,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from pipelines.engine import Engine
+from pipelines.settings import Settings
 from storage.tables import Job
 from tests.cogs.conftest import settled_message, wait_job_message
 from tests.discord_double import DiscordDouble, Guild, User
@@ -234,4 +235,13 @@ async def test_lora_and_vae_pickers_offer_only_what_the_user_may_use(
     )
     assert [c["value"] for c in (await mine.response()).payload["data"]["choices"]] == ["purple"]
     assert (await theirs.response()).payload["data"]["choices"] == []
+    double.assert_clean()
+
+
+async def test_sync_commands_registers_every_command_once(double: DiscordDouble, settings: Any) -> None:
+    from bot import command_payloads, sync_commands
+
+    token_settings = Settings(**{**settings.model_dump(), "discord_token": double.token})
+    assert await sync_commands(token_settings) == len(await command_payloads(settings))
+    assert {c["name"] for c in double.commands()} >= {"imagine", "lora", "admin", "forget-me"}
     double.assert_clean()
