@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.common import answer
-from pipelines.guild_policy import GuildPolicy, parse_banned
+from pipelines.guild_policy import NSFW_POLICIES, GuildPolicy, parse_banned
 from storage import jobs as job_rows
 from storage.errors import InvalidRequestError
 from storage.tables import JobStatus
@@ -96,10 +96,12 @@ class Admin(commands.Cog):
             f"Default model: {policy.default_model or '(the bot default)'}\n"
             f"Allowed models: {', '.join(policy.allowed_models) or 'all'}\n"
             f"Banned words: {len(policy.banned_words)}\n"
-            f"Forced negative prompt: {policy.forced_negative or '(none)'}",
+            f"Forced negative prompt: {policy.forced_negative or '(none)'}\n"
+            f"NSFW prompts outside age-restricted channels: {policy.nsfw} ({len(policy.nsfw_words)} words)",
         )
 
     @settings.command(name="set")
+    @app_commands.choices(nsfw=[app_commands.Choice(name=p, value=p) for p in NSFW_POLICIES])
     async def settings_set(
         self,
         interaction: discord.Interaction,
@@ -107,6 +109,8 @@ class Admin(commands.Cog):
         allowed_models: str | None = None,
         banned_words: str | None = None,
         forced_negative: str | None = None,
+        nsfw: str | None = None,
+        nsfw_words: str | None = None,
     ) -> None:
         """Change this server's rules (leave an option out to keep it; "-" clears it).
 
@@ -115,6 +119,8 @@ class Admin(commands.Cog):
             allowed_models: Comma-separated model names (empty: all).
             banned_words: Comma-separated words or /regex/ patterns refused in prompts.
             forced_negative: Text always added to the negative prompt.
+            nsfw: Outside age-restricted channels: spoiler NSFW prompts' images, or block them.
+            nsfw_words: Comma-separated words or /regex/ patterns that make a prompt NSFW.
         """
         guild_id = _require_admin(interaction)
         changes: dict[str, Any] = {}
@@ -130,6 +136,10 @@ class Admin(commands.Cog):
             changes["banned_words"] = [] if banned_words == "-" else list(parse_banned(banned_words))
         if forced_negative is not None:
             changes["forced_negative"] = "" if forced_negative == "-" else forced_negative[:1000]
+        if nsfw is not None:
+            changes["nsfw"] = nsfw
+        if nsfw_words is not None:
+            changes["nsfw_words"] = None if nsfw_words == "-" else list(parse_banned(nsfw_words))
         async with self.engine.db.sessions.begin() as session:
             await ensure_guild(session, guild_id)
             await update_guild_settings(session, guild_id, changes)

@@ -100,6 +100,11 @@ async def _defer(interaction: discord.Interaction) -> None:
         await interaction.response.defer(thinking=True)
 
 
+def _age_restricted(interaction: discord.Interaction) -> bool:
+    channel = interaction.channel
+    return bool(channel is not None and getattr(channel, "is_nsfw", lambda: False)())
+
+
 def _is_admin(interaction: discord.Interaction) -> bool:
     return bool(interaction.guild_id and interaction.permissions.manage_guild)
 
@@ -123,20 +128,25 @@ class Generate(commands.Cog):
     ) -> None:
         """Acknowledge, check, queue, and follow a job; every error is one ephemeral sentence."""
         await _defer(interaction)
+        age_restricted = _age_restricted(interaction)
         try:
-            spec = (await guild_policy(self.engine, interaction.guild_id)).apply(spec)  # the server's rules
+            policy = await guild_policy(self.engine, interaction.guild_id)
+            spec = policy.apply(spec, age_restricted=age_restricted)  # the server's rules
             # bad input: one sentence, nothing stored; images are decoded off the event loop
             await asyncio.to_thread(self.engine.prepare, spec, inputs)
             submitted, notes = await self.engine.submit(spec, inputs)
         except BotError as exc:
             await refuse(interaction, str(exc))
             return
+        spoiler = not age_restricted and policy.nsfw == "spoiler" and policy.is_nsfw(spec)
         message = await interaction.followup.send(
             queued_text(submitted.job_id, submitted.position, submitted.eta_s),
             view=progress_view(submitted.job_id),
             wait=True,
         )
-        task = asyncio.create_task(follow_job(self.engine, interaction, message, submitted.job_id, notes))
+        task = asyncio.create_task(
+            follow_job(self.engine, interaction, message, submitted.job_id, notes, spoiler=spoiler)
+        )
         self._followers.add(task)
         task.add_done_callback(self._followers.discard)
 

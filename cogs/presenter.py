@@ -63,7 +63,9 @@ def result_embed(result: JobResult, note: str | None = None) -> discord.Embed:
     return embed
 
 
-def _result_files(result: JobResult, limit: int) -> tuple[list[list[discord.File]], str | None]:
+def _result_files(
+    result: JobResult, limit: int, spoiler: bool = False
+) -> tuple[list[list[discord.File]], str | None]:
     """The files per message (a grid first when there are several images), and a note if re-encoded."""
     pngs = [image.path.read_bytes() for image in result.images]
     grid_file: list[tuple[str, bytes]] = []
@@ -86,9 +88,11 @@ def _result_files(result: JobResult, limit: int) -> tuple[list[list[discord.File
         if len(messages[-1]) < 10 and used + len(data) <= limit:
             label = re.sub(r"[^a-z0-9]+", "-", preview.label.lower()).strip("-") or "preview"
             messages[-1].append((f"dreamcord-{result.job_id}-{label}.png", data))
-    return [
-        [discord.File(io.BytesIO(data), filename=name) for name, data in message] for message in messages
-    ], delivery.note
+    files = [
+        [discord.File(io.BytesIO(data), filename=name, spoiler=spoiler) for name, data in message]
+        for message in messages
+    ]
+    return files, delivery.note
 
 
 class _Message:
@@ -143,8 +147,13 @@ async def follow_job(
     message: discord.WebhookMessage,
     job_id: int,
     notes: list[str],
+    *,
+    spoiler: bool = False,
 ) -> None:
-    """Follow the job's events to its end, editing ``message`` (never raises: errors are logged)."""
+    """Follow the job's events to its end, editing ``message`` (never raises: errors are logged).
+
+    ``spoiler``: images (previews too) go behind Discord's spoiler cover (the server's NSFW policy).
+    """
     target = _Message(interaction, message)
     last_edit = 0.0
     try:
@@ -168,7 +177,8 @@ async def follow_job(
                 )
                 extra: dict[str, object] = {}
                 if event.preview is not None:
-                    extra["attachments"] = [discord.File(io.BytesIO(event.preview), filename="preview.png")]
+                    preview = discord.File(io.BytesIO(event.preview), filename="preview.png", spoiler=spoiler)
+                    extra["attachments"] = [preview]
                 await target.edit(content=text, **extra)
                 last_edit = now
             elif isinstance(event, Finished):
@@ -181,7 +191,9 @@ async def follow_job(
                     event.result.previews,
                 )
                 limit = int(interaction.filesize_limit or 10 * 2**20)
-                messages, note = await asyncio.to_thread(_result_files, result, limit)  # encoding is CPU work
+                messages, note = await asyncio.to_thread(
+                    _result_files, result, limit, spoiler
+                )  # encoding is CPU work
                 await target.final(
                     content="",
                     embed=result_embed(result, note),

@@ -1,4 +1,9 @@
-"""A server's rules for jobs: default and allowed models, banned words, a forced negative prompt.
+"""A server's rules for jobs: default and allowed models, banned words, a forced negative prompt, NSFW.
+
+NSFW: outside age-restricted channels a prompt matching the server's NSFW words is either refused
+("block") or its images are sent behind spoilers ("spoiler", the default); in age-restricted channels
+it is allowed. Banned words apply everywhere. (Our models carry no safety checker, so the prompt is what
+is judged.)
 
 Stored in the guild's settings JSON (``storage.users``); applied to every job from that server before it
 is checked, so a refused prompt stores nothing. No Discord here: the cogs pass the guild id and whether the
@@ -8,15 +13,30 @@ channel is age-restricted.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 from pipelines.jobs import JobSpec
 from storage.errors import InvalidRequestError
 
-__all__ = ["POLICY_KEYS", "GuildPolicy", "parse_banned"]
+__all__ = ["DEFAULT_NSFW_WORDS", "NSFW_POLICIES", "POLICY_KEYS", "GuildPolicy", "parse_banned"]
 
-POLICY_KEYS = ("default_model", "allowed_models", "banned_words", "forced_negative")
+POLICY_KEYS = ("default_model", "allowed_models", "banned_words", "forced_negative", "nsfw", "nsfw_words")
+NSFW_POLICIES = ("spoiler", "block")
+#: A starting list; admins replace it with /settings set nsfw_words:
+DEFAULT_NSFW_WORDS = (
+    "nsfw",
+    "nude",
+    "naked",
+    "nudity",
+    "explicit",
+    "porn",
+    "sex",
+    "topless",
+    "lingerie",
+    "gore",
+)
 MAX_BANNED = 200
 
 
@@ -28,7 +48,8 @@ class GuildPolicy:
     allowed_models: tuple[str, ...] = ()  # empty: every model
     banned_words: tuple[str, ...] = ()  # words, or /regex/ patterns
     forced_negative: str = ""
-    _patterns: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+    nsfw: str = "spoiler"
+    nsfw_words: tuple[str, ...] = DEFAULT_NSFW_WORDS
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> GuildPolicy:
@@ -37,8 +58,18 @@ class GuildPolicy:
             allowed_models=tuple(settings.get("allowed_models") or ()),
             banned_words=tuple(settings.get("banned_words") or ()),
             forced_negative=str(settings.get("forced_negative") or ""),
+            nsfw=str(settings.get("nsfw") or "spoiler"),
+            nsfw_words=tuple(settings.get("nsfw_words") or DEFAULT_NSFW_WORDS),
         )
-        return replace(policy, _patterns=tuple(_compile(word) for word in policy.banned_words))
+        return policy
+
+    @cached_property
+    def _patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_compile(word) for word in self.banned_words)
+
+    @cached_property
+    def _nsfw_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_compile(word) for word in self.nsfw_words)
 
     def to_settings(self) -> dict[str, Any]:
         return {
@@ -46,13 +77,23 @@ class GuildPolicy:
             "allowed_models": list(self.allowed_models),
             "banned_words": list(self.banned_words),
             "forced_negative": self.forced_negative,
+            "nsfw": self.nsfw,
+            "nsfw_words": list(self.nsfw_words),
         }
 
-    def apply(self, spec: JobSpec) -> JobSpec:
+    def is_nsfw(self, spec: JobSpec) -> bool:
+        """Whether the prompt matches the server's NSFW words."""
+        return any(pattern.search(spec.prompt) for pattern in self._nsfw_patterns)
+
+    def apply(self, spec: JobSpec, *, age_restricted: bool = False) -> JobSpec:
         """The job under this server's rules; raises with one sentence when a rule forbids it."""
         for pattern in self._patterns:
             if pattern.search(spec.prompt):
                 raise InvalidRequestError("Your prompt uses a word this server does not allow; rephrase it.")
+        if not age_restricted and self.nsfw == "block" and self.is_nsfw(spec):
+            raise InvalidRequestError(
+                "That prompt is for age-restricted channels only on this server; use one of those."
+            )
         model = spec.model or self.default_model
         if self.allowed_models and model is not None and model not in self.allowed_models:
             raise InvalidRequestError(

@@ -91,3 +91,28 @@ async def test_forget_me_deletes_the_users_jobs_and_files(
     files_after = set(engine.files.iter_hashes())
     assert files_after < files_before  # alice's images are gone, bob's stay
     double.assert_clean()
+
+
+async def test_nsfw_prompts_are_spoilered_or_blocked_outside_age_restricted_channels(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User, admin: User
+) -> None:
+    options = {"prompt": "a nude red circle", "steps": 4}
+    spoilered = await wait_job_message(
+        double, await double.slash(alice, guild, None, "imagine", options=options)
+    )
+    assert spoilered.attachments[0]["filename"].startswith("SPOILER_")
+    nsfw_channel = guild.nsfw_channel
+    plain = await wait_job_message(
+        double, await double.slash(alice, guild, nsfw_channel, "imagine", options=options)
+    )
+    assert not plain.attachments[0]["filename"].startswith("SPOILER_")
+    record = await double.slash(admin, guild, None, "settings", subcommand="set", options={"nsfw": "block"})
+    await settled_message(record, _said("Saved."))
+    blocked = await double.slash(alice, guild, None, "imagine", options=options)
+    await settled_message(blocked, _said("age-restricted channels only"))
+    allowed = await wait_job_message(
+        double, await double.slash(alice, guild, nsfw_channel, "imagine", options=options)
+    )
+    assert allowed.attachments
+    assert await _jobs(engine) == 3
+    double.assert_clean()
