@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 NOT_ADMIN = "Only members with Manage Server can do that."
 
 
-async def guild_policy(engine: Engine, guild_id: int | None) -> GuildPolicy:
-    """The server's rules (defaults outside a server)."""
+async def guild_policy(engine: Engine, guild_id: int | None, channel_id: int | None = None) -> GuildPolicy:
+    """The server's rules, with the channel's overrides (defaults outside a server)."""
     if guild_id is None:
-        return GuildPolicy()
+        return GuildPolicy.from_settings({})
     async with engine.db.sessions() as session:
-        return GuildPolicy.from_settings(await get_guild_settings(session, guild_id))
+        return GuildPolicy.from_settings(await get_guild_settings(session, guild_id), channel_id)
 
 
 def _require_admin(interaction: discord.Interaction) -> int:
@@ -88,9 +88,17 @@ class Admin(commands.Cog):
     # --- /settings -------------------------------------------------------------------------------
 
     @settings.command(name="show")
-    async def settings_show(self, interaction: discord.Interaction) -> None:
-        """This server's rules."""
-        policy = await guild_policy(self.engine, _require_admin(interaction))
+    async def settings_show(
+        self, interaction: discord.Interaction, channel: discord.TextChannel | None = None
+    ) -> None:
+        """This server's rules (in one channel, with its overrides).
+
+        Args:
+            channel: Show the rules as they apply in this channel.
+        """
+        policy = await guild_policy(
+            self.engine, _require_admin(interaction), channel.id if channel is not None else None
+        )
         await answer(
             interaction,
             f"Default model: {policy.default_model or '(the bot default)'}\n"
@@ -111,6 +119,7 @@ class Admin(commands.Cog):
         forced_negative: str | None = None,
         nsfw: str | None = None,
         nsfw_words: str | None = None,
+        channel: discord.TextChannel | None = None,
     ) -> None:
         """Change this server's rules (leave an option out to keep it; "-" clears it).
 
@@ -121,6 +130,7 @@ class Admin(commands.Cog):
             forced_negative: Text always added to the negative prompt.
             nsfw: Outside age-restricted channels: spoiler NSFW prompts' images, or block them.
             nsfw_words: Comma-separated words or /regex/ patterns that make a prompt NSFW.
+            channel: Set these for one channel only (overrides the server's rules there).
         """
         guild_id = _require_admin(interaction)
         changes: dict[str, Any] = {}
@@ -142,8 +152,14 @@ class Admin(commands.Cog):
             changes["nsfw_words"] = None if nsfw_words == "-" else list(parse_banned(nsfw_words))
         async with self.engine.db.sessions.begin() as session:
             await ensure_guild(session, guild_id)
+            if channel is not None and changes:
+                current = await get_guild_settings(session, guild_id)
+                channels = dict(current.get("channels") or {})
+                channels[str(channel.id)] = {**channels.get(str(channel.id), {}), **changes}
+                changes = {"channels": channels}
             await update_guild_settings(session, guild_id, changes)
-        await answer(interaction, "Saved." if changes else "Nothing to change; name an option.")
+        where = f" for #{channel.name}" if channel is not None else ""
+        await answer(interaction, f"Saved{where}." if changes else "Nothing to change; name an option.")
 
     # --- /admin ----------------------------------------------------------------------------------
 

@@ -130,7 +130,7 @@ class Generate(commands.Cog):
         await _defer(interaction)
         age_restricted = _age_restricted(interaction)
         try:
-            policy = await guild_policy(self.engine, interaction.guild_id)
+            policy = await guild_policy(self.engine, interaction.guild_id, interaction.channel_id)
             spec = policy.apply(spec, age_restricted=age_restricted)  # the server's rules
             # bad input: one sentence, nothing stored; images are decoded off the event loop
             await asyncio.to_thread(self.engine.prepare, spec, inputs)

@@ -52,7 +52,11 @@ class GuildPolicy:
     nsfw_words: tuple[str, ...] = DEFAULT_NSFW_WORDS
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> GuildPolicy:
+    def from_settings(cls, settings: dict[str, Any], channel_id: int | None = None) -> GuildPolicy:
+        """The guild's rules, with the channel's own overrides (``settings["channels"][id]``) on top."""
+        overrides = (settings.get("channels") or {}).get(str(channel_id)) if channel_id is not None else None
+        if overrides:
+            settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
         policy = cls(
             default_model=settings.get("default_model") or None,
             allowed_models=tuple(settings.get("allowed_models") or ()),

@@ -116,3 +116,25 @@ async def test_nsfw_prompts_are_spoilered_or_blocked_outside_age_restricted_chan
     assert allowed.attachments
     assert await _jobs(engine) == 3
     double.assert_clean()
+
+
+async def test_channel_rules_override_the_servers(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User, admin: User
+) -> None:
+    strict = double.add_channel(guild, "strict")
+    record = await double.slash(
+        admin,
+        guild,
+        None,
+        "settings",
+        subcommand="set",
+        options={"banned_words": "square", "channel": strict},
+    )
+    await settled_message(record, _said("Saved for #strict."))
+    refused = await double.slash(alice, guild, strict, "imagine", options={"prompt": "a red square"})
+    await settled_message(refused, _said("does not allow"))
+    elsewhere = await double.slash(
+        alice, guild, None, "imagine", options={"prompt": "a red square", "steps": 4}
+    )
+    assert (await wait_job_message(double, elsewhere)).attachments
+    double.assert_clean()
