@@ -13,21 +13,32 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.common import answer
+from cogs.common import SIZE_PRESETS, answer
 from pipelines.guild_policy import NSFW_POLICIES, GuildPolicy, parse_banned
+from pipelines.samplers import SAMPLERS
 from storage import jobs as job_rows
 from storage.errors import InvalidRequestError
 from storage.tables import JobStatus
-from storage.users import delete_user_data, ensure_guild, get_guild_settings, update_guild_settings
+from storage.users import (
+    delete_user_data,
+    ensure_guild,
+    ensure_user,
+    get_guild_settings,
+    get_user_settings,
+    update_guild_settings,
+    update_user_settings,
+)
 
 if TYPE_CHECKING:
     from pipelines.engine import Engine
 
-__all__ = ["Admin", "guild_policy"]
+__all__ = ["PREFERENCE_KEYS", "Admin", "guild_policy", "user_preferences"]
 
 log = logging.getLogger(__name__)
 
 NOT_ADMIN = "Only members with Manage Server can do that."
+SIZE_NAMES = tuple(SIZE_PRESETS)
+SAMPLER_NAMES = tuple(SAMPLERS)[:25]
 
 
 async def guild_policy(engine: Engine, guild_id: int | None, channel_id: int | None = None) -> GuildPolicy:
@@ -36,6 +47,15 @@ async def guild_policy(engine: Engine, guild_id: int | None, channel_id: int | N
         return GuildPolicy.from_settings({})
     async with engine.db.sessions() as session:
         return GuildPolicy.from_settings(await get_guild_settings(session, guild_id), channel_id)
+
+
+PREFERENCE_KEYS = ("model", "size", "negative", "steps", "cfg", "sampler")
+
+
+async def user_preferences(engine: Engine, user_id: int) -> dict[str, Any]:
+    """A user's own defaults for /imagine (empty when they set none)."""
+    async with engine.db.sessions() as session:
+        return {k: v for k, v in (await get_user_settings(session, user_id)).items() if k in PREFERENCE_KEYS}
 
 
 def _require_admin(interaction: discord.Interaction) -> int:
@@ -80,6 +100,8 @@ class Admin(commands.Cog):
         default_permissions=discord.Permissions(manage_guild=True),
         guild_only=True,
     )
+
+    preferences = app_commands.Group(name="preferences", description="Your own defaults for /imagine.")
 
     def __init__(self, bot: commands.Bot, engine: Engine) -> None:
         self.bot = bot
@@ -199,6 +221,53 @@ class Admin(commands.Cog):
         )
         lines.append(f"worker: {worker}")
         await answer(interaction, "\n".join(lines))
+
+    # --- /preferences (anyone) ------------------------------------------------------------------
+
+    @preferences.command(name="set")
+    @app_commands.choices(
+        size=[app_commands.Choice(name=n, value=n) for n in SIZE_NAMES],
+        sampler=[app_commands.Choice(name=n, value=n) for n in SAMPLER_NAMES],
+    )
+    async def preferences_set(
+        self,
+        interaction: discord.Interaction,
+        model: str | None = None,
+        size: str | None = None,
+        negative: app_commands.Range[str, 0, 1000] | None = None,
+        steps: app_commands.Range[int, 1, 150] | None = None,
+        cfg: app_commands.Range[float, 0.0, 30.0] | None = None,
+        sampler: str | None = None,
+    ) -> None:
+        """Your own defaults for /imagine (what you leave out keeps its value; "-" as model clears all).
+
+        Args:
+            model: Your default model.
+            size: Your default aspect preset.
+            negative: Your default negative prompt.
+            steps: Your default steps.
+            cfg: Your default CFG scale.
+            sampler: Your default sampler.
+        """
+        changes: dict[str, Any] = {}
+        if model == "-":
+            changes = dict.fromkeys(PREFERENCE_KEYS)
+        else:
+            if model is not None:
+                changes["model"] = self.engine.registry.require(model).name
+            values = {"size": size, "negative": negative, "steps": steps, "cfg": cfg, "sampler": sampler}
+            changes.update({key: value for key, value in values.items() if value is not None})
+        async with self.engine.db.sessions.begin() as session:
+            await ensure_user(session, interaction.user.id)
+            await update_user_settings(session, interaction.user.id, changes)
+        await answer(interaction, "Saved your defaults." if changes else "Nothing to change; name an option.")
+
+    @preferences.command(name="show")
+    async def preferences_show(self, interaction: discord.Interaction) -> None:
+        """Your own defaults for /imagine."""
+        mine = await user_preferences(self.engine, interaction.user.id)
+        text = "\n".join(f"{key}: {mine[key]}" for key in PREFERENCE_KEYS if key in mine)
+        await answer(interaction, text or "You have no defaults of your own; `/preferences set` some.")
 
     # --- /forget-me ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from storage.errors import BotError, InvalidRequestError
 
 __all__ = [
     "IMAGE_TYPES",
+    "SIZE_PRESETS",
     "MAX_IMAGE_BYTES",
     "answer",
     "error_text",
@@ -26,6 +27,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: aspect presets, as fractions of the model's native side (webui-style sizes)
+SIZE_PRESETS = {
+    "square": (1.0, 1.0),
+    "portrait 2:3": (0.8125, 1.1875),
+    "landscape 3:2": (1.1875, 0.8125),
+    "portrait 9:16": (0.75, 1.3125),
+    "landscape 16:9": (1.3125, 0.75),
+}
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp")
 MAX_IMAGE_BYTES = 25 * 2**20
 

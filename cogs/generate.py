@@ -15,8 +15,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.admin import guild_policy
-from cogs.common import answer, error_text, read_image_attachment, refuse
+from cogs.admin import guild_policy, user_preferences
+from cogs.common import SIZE_PRESETS, answer, error_text, read_image_attachment, refuse
 from cogs.job_buttons import progress_view
 from cogs.presenter import follow_job, queued_text
 from pipelines import followups
@@ -31,19 +31,11 @@ from storage.tables import AssetKind
 if TYPE_CHECKING:
     from pipelines.engine import Engine
 
-__all__ = ["SIZE_PRESETS", "Generate"]
+__all__ = ["Generate"]
 
 log = logging.getLogger(__name__)
 
 SAMPLER_CHOICES = [app_commands.Choice(name=name, value=name) for name in list(SAMPLERS)[:25]]
-#: aspect presets, as fractions of the model's native side (webui-style sizes)
-SIZE_PRESETS = {
-    "square": (1.0, 1.0),
-    "portrait 2:3": (0.8125, 1.1875),
-    "landscape 3:2": (1.1875, 0.8125),
-    "portrait 9:16": (0.75, 1.3125),
-    "landscape 16:9": (1.3125, 0.75),
-}
 SIZE_CHOICES = [app_commands.Choice(name=name, value=name) for name in SIZE_PRESETS]
 CONTROL_CHOICES = [app_commands.Choice(name=name, value=name) for name in CONTROL_TYPES]
 
@@ -174,14 +166,14 @@ class Generate(commands.Cog):
         self,
         interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, 4000],
-        negative: app_commands.Range[str, 0, 4000] = "",
+        negative: app_commands.Range[str, 0, 4000] | None = None,
         model: str | None = None,
         size: str | None = None,
         width: app_commands.Range[int, 0, 2048] = 0,
         height: app_commands.Range[int, 0, 2048] = 0,
-        steps: app_commands.Range[int, 1, 150] = 20,
-        cfg: app_commands.Range[float, 0.0, 30.0] = 7.0,
-        sampler: str = DEFAULT_SAMPLER,
+        steps: app_commands.Range[int, 1, 150] | None = None,
+        cfg: app_commands.Range[float, 0.0, 30.0] | None = None,
+        sampler: str | None = None,
         seed: int = -1,
         count: app_commands.Range[int, 1, 4] = 1,
         vae: str | None = None,
@@ -193,14 +185,14 @@ class Generate(commands.Cog):
 
         Args:
             prompt: What to draw.
-            negative: What to keep out of the image.
-            model: The model (default: the server's).
-            size: An aspect preset at the model's native size.
+            negative: What to keep out of the image (default: yours from /preferences).
+            model: The model (default: yours, else the server's).
+            size: An aspect preset at the model's native size (default: yours, else square).
             width: Width in pixels, a multiple of 8 (overrides size).
             height: Height in pixels, a multiple of 8 (overrides size).
-            steps: Denoising steps, 1-150; more is slower.
-            cfg: How strictly to follow the prompt, 0-30.
-            sampler: The sampler, by its webui name.
+            steps: Denoising steps, 1-150; more is slower (default: yours, else 20).
+            cfg: How strictly to follow the prompt, 0-30 (default: yours, else 7).
+            sampler: The sampler, by its webui name (default: yours, else DPM++ 2M Karras).
             seed: -1 for a random seed.
             count: How many images, 1-4.
             vae: One of your VAEs, by name.
@@ -208,18 +200,20 @@ class Generate(commands.Cog):
             lora: One of your LoRAs (or add <lora:name:weight> to the prompt).
             lora_weight: The LoRA's strength.
         """
-        w, h = self._size(model, size, width, height)
+        mine = await user_preferences(self.engine, interaction.user.id)
+        model = model or mine.get("model")
+        w, h = self._size(model, size or mine.get("size"), width, height)
         if lora:
             prompt = f"{prompt} <lora:{lora.strip()}:{lora_weight:g}>"
         spec = JobSpec(
             prompt=prompt,
-            negative_prompt=negative,
+            negative_prompt=negative if negative is not None else str(mine.get("negative", "")),
             model=model,
             width=w,
             height=h,
-            steps=steps,
-            cfg=cfg,
-            sampler=sampler,
+            steps=steps if steps is not None else int(mine.get("steps", 20)),
+            cfg=cfg if cfg is not None else float(mine.get("cfg", 7.0)),
+            sampler=sampler or str(mine.get("sampler", DEFAULT_SAMPLER)),
             seed=seed,
             batch=count,
             vae=vae,

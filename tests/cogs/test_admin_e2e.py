@@ -138,3 +138,35 @@ async def test_channel_rules_override_the_servers(
     )
     assert (await wait_job_message(double, elsewhere)).attachments
     double.assert_clean()
+
+
+async def test_preferences_are_each_users_own_defaults(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User, bob: User
+) -> None:
+    record = await double.slash(
+        alice,
+        guild,
+        None,
+        "preferences",
+        subcommand="set",
+        options={"negative": "ugly", "steps": 5, "sampler": "Euler a"},
+    )
+    await settled_message(record, _said("Saved your defaults."))
+    mine = await wait_job_message(
+        double, await double.slash(alice, guild, None, "imagine", options={"prompt": "a red circle"})
+    )
+    theirs = await wait_job_message(
+        double,
+        await double.slash(bob, guild, None, "imagine", options={"prompt": "a red circle", "steps": 4}),
+    )
+    with Image.open(io.BytesIO(mine.file_bytes(0))) as png:
+        text = png.info["parameters"]
+        assert "Negative prompt: ugly" in text and "Steps: 5" in text and "Sampler: Euler a" in text
+    with Image.open(io.BytesIO(theirs.file_bytes(0))) as png:
+        assert "ugly" not in png.info["parameters"]
+    explicit = await double.slash(
+        alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 3}
+    )
+    with Image.open(io.BytesIO((await wait_job_message(double, explicit)).file_bytes(0))) as png:
+        assert "Steps: 3" in png.info["parameters"]  # what is typed wins over the defaults
+    double.assert_clean()
