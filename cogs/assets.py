@@ -1,30 +1,35 @@
 """``/lora``, ``/embedding``, ``/hypernet``, ``/vae``: upload, import, list, info, share, rename, delete.
 
 One group per kind, built from one class. Uploads are checked by the adapter validation before anything
-is stored; the answer says what was detected ("LoRA, kohya format, SD 1.5, rank 16").
+is stored; the answer says what was detected ("LoRA, kohya format, SD 1.5, rank 16"), the custom model a
+file was made for, and whether it fits the server's default model. Errors reach the user through the tree's
+handler (:func:`cogs.common.install_error_handler`) only, so each gets one answer.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.common import answer, error_text
-from pipelines.asset_uploads import add_asset_file, name_from_filename, remove_asset_file
-from storage.assets import list_usable_assets, rename_asset, set_visibility, usable_names
+from cogs.common import answer
+from models.adapters.targets import adapter_fits, model_of
+from models.families import Family, family_info
+from pipelines.asset_uploads import AddedAsset, add_asset_file, name_from_filename, remove_asset_file
+from storage.assets import check_asset_name, list_usable_assets, rename_asset, set_visibility, usable_names
 from storage.errors import InvalidRequestError, NotFoundError
 from storage.tables import AssetKind, Visibility
 
 if TYPE_CHECKING:
     from pipelines.engine import Engine
 
-__all__ = ["KIND_COMMANDS", "AssetGroup", "Assets", "how_to_use"]
+__all__ = ["KIND_COMMANDS", "AssetGroup", "Assets", "added_text", "family_text", "how_to_use"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,34 @@ def how_to_use(kind: AssetKind, name: str) -> str:
     }.get(kind, name)
 
 
+def family_text(family: str, details: Mapping[str, Any] | None) -> str:
+    """``SD 1.5``, or ``SD 1.5, shapes model`` for a file made for a custom model."""
+    try:
+        label = family_info(Family(family)).label
+    except ValueError:  # a family no longer served
+        label = family
+    model = model_of(details)
+    return f"{label}, {model} model" if model else label
+
+
+def added_text(engine: Engine, verb: str, added: AddedAsset, command: str) -> str:
+    """The answer to an upload or import: what was detected, where it fits, how to use it."""
+    info = added.checked.info
+    model = model_of(info.details)
+    text = f"{verb} {added.summary()}" + (f", made for the {model} model." if model else ".")
+    default = engine.served_targets()[0]  # the default model's
+    if info.family != default.family or not adapter_fits(added.kind, info.details, default):
+        made_for = f"the {model} model" if model else f"{family_info(info.family).label} models"
+        text += (
+            f" It is for {made_for} and does not fit this server's default model ({default.label}); "
+            "pick a model it fits with `model:` when you use it."
+        )
+    return (
+        text + f" Use it with `{how_to_use(added.kind, added.name)}` — it is private until you "
+        f"`/{command} share` it."
+    )
+
+
 class AssetGroup(app_commands.Group):
     """The commands of one asset kind."""
 
@@ -68,8 +101,17 @@ class AssetGroup(app_commands.Group):
         names = [n for n in usable_names(rows) if current.lower() in n.lower()]
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
-    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        await answer(interaction, error_text(error))
+    async def own_names(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        """Autocomplete for share, rename and delete: only the user's own files."""
+        async with self.engine.db.sessions() as session:
+            rows = await list_usable_assets(
+                session, user_id=interaction.user.id, guild_id=interaction.guild_id, kind=self.kind
+            )
+        own = [r.name for r in rows if r.owner_id == interaction.user.id]
+        names = [n for n in own if current.lower() in n.lower()]
+        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
     @app_commands.command(name="upload")
     async def upload(
@@ -87,23 +129,25 @@ class AssetGroup(app_commands.Group):
                 f"That file is {file.size / 2**20:.0f} MB; "
                 f"{self.kind.label}s may be at most {cap // 2**20} MB."
             )
+        name = check_asset_name(name or name_from_filename(file.filename))  # a bad name: no download
         await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            data = await file.read()
+        except discord.HTTPException:
+            raise InvalidRequestError("Could not download the file; attach it again.") from None
         with tempfile.TemporaryDirectory(prefix="dreamcord-upload-") as scratch:
             path = Path(scratch) / "upload"  # the user's file name never reaches the disk
-            path.write_bytes(await file.read())
+            path.write_bytes(data)
+            del data
             added = await add_asset_file(
                 self.engine,
                 path,
-                name=name or name_from_filename(file.filename),
+                name=name,
                 owner_id=interaction.user.id,
                 guild_id=interaction.guild_id,
                 kind=self.kind,
             )
-        await interaction.followup.send(
-            f"Added {added.summary()}. Use it with `{how_to_use(self.kind, added.name)}` — it is private "
-            f"until you `/{self.name} share` it.",
-            ephemeral=True,
-        )
+        await interaction.followup.send(added_text(self.engine, "Added", added, self.name), ephemeral=True)
 
     @app_commands.command(name="import")
     async def import_(self, interaction: discord.Interaction, url: str, name: str | None = None) -> None:
@@ -139,9 +183,7 @@ class AssetGroup(app_commands.Group):
             )
         finally:
             fetched.path.unlink(missing_ok=True)
-        await interaction.followup.send(
-            f"Imported {added.summary()}. Use it with `{how_to_use(self.kind, added.name)}`.", ephemeral=True
-        )
+        await interaction.followup.send(added_text(self.engine, "Imported", added, self.name), ephemeral=True)
 
     @app_commands.command(name="list")
     async def list_(self, interaction: discord.Interaction) -> None:
@@ -157,7 +199,7 @@ class AssetGroup(app_commands.Group):
             )
             return
         lines = [
-            f"`{row.name}` — {row.family}, {row.format}"
+            f"`{row.name}` — {family_text(row.family, row.details)}, {row.format}"
             + ("" if row.owner_id == interaction.user.id else " (shared)")
             + ("" if row.visibility != Visibility.PRIVATE else " · private")
             for row in rows[:40]
@@ -180,7 +222,8 @@ class AssetGroup(app_commands.Group):
             raise NotFoundError(f"There is no {self.kind.label} called {name.strip()} that you can use here.")
         await answer(
             interaction,
-            f"`{row.name}`: {self.kind.with_article}, {row.format} format, {row.family}, "
+            f"`{row.name}`: {self.kind.with_article}, {row.format} format, "
+            f"{family_text(row.family, row.details)}, "
             f"{row.size / 2**20:.1f} MB, hash {row.short_hash}, {row.visibility.value}. "
             f"Use it with `{how_to_use(self.kind, row.name)}`.",
         )
@@ -230,8 +273,9 @@ class AssetGroup(app_commands.Group):
         await answer(interaction, f"Deleted your {self.kind.label} `{name.strip()}`.")
 
 
-for _command in (AssetGroup.info, AssetGroup.share, AssetGroup.rename, AssetGroup.delete):
-    _command.autocomplete("name")(AssetGroup.names)
+AssetGroup.info.autocomplete("name")(AssetGroup.names)
+for _command in (AssetGroup.share, AssetGroup.rename, AssetGroup.delete):
+    _command.autocomplete("name")(AssetGroup.own_names)
 
 
 class Assets(commands.Cog):

@@ -14,6 +14,7 @@ from cogs.common import answer, read_image_attachment
 from cogs.job_buttons import result_view
 from pipelines.pnginfo import read_info
 from pipelines.prompt_chunks import explain
+from pipelines.prompts import parse_attention
 from storage import jobs as job_rows
 from storage.errors import InvalidRequestError, NotFoundError
 from storage.tables import JobStatus
@@ -21,22 +22,39 @@ from storage.tables import JobStatus
 if TYPE_CHECKING:
     from pipelines.engine import Engine
 
-__all__ = ["History", "explain_text"]
+__all__ = ["History", "explain_text", "weighted_text"]
 
 log = logging.getLogger(__name__)
 
 PAGE = 10
+#: Most prompt-editing steps /prompt explain lists (``[a|b]`` changes every step).
+SCHEDULE_LINES = 12
+
+
+def weighted_text(text: str) -> str:
+    """A prompt's attention as the webui reads it: ``a (red:1.3) circle`` (nesting multiplied out)."""
+    pieces = [
+        " BREAK " if t == "BREAK" and w < 0 else (t if w == 1 else f"({t.strip()}:{w:.3g})")
+        for t, w in parse_attention(text)
+    ]
+    return " ".join("".join(pieces).split()) or "(empty)"
 
 
 def explain_text(prompt: str, steps: int) -> str:
-    """The explain-prompt report as a few readable lines."""
+    """The explain-prompt report as a few readable lines.
+
+    Prompt editing (``[cat:dog:0.5]``) is applied before attention, as in the webui, so each scheduled text
+    gets its own weights line.
+    """
     report = explain(prompt, steps=steps)
-    weights = "  ".join(
-        "BREAK" if w == -1 else (t if w == 1 else f"({t}:{w:.3g})") for t, w in report["weights"]
-    )
-    lines = [f"**Weights**: {weights or '(empty)'}"]
-    if len(report["schedule"]) > 1:
-        lines += [f"until step {until}: {text}" for until, text in report["schedule"]]
+    schedule = report["schedule"]
+    if len(schedule) == 1:
+        lines = [f"**Weights**: {weighted_text(schedule[0][1])}"]
+    else:
+        shown = schedule[:SCHEDULE_LINES]
+        lines = [f"**Until step {until}**: {weighted_text(text)}" for until, text in shown]
+        if len(schedule) > SCHEDULE_LINES:
+            lines.append(f"… and {len(schedule) - SCHEDULE_LINES} more changes")
     lines += [f"{net['type']} `{net['name']}` at {net['weight']:g}" for net in report["networks"]]
     lines.append(f"{report['tokens']} tokens in {report['chunks']} chunk(s) of 75")
     return "\n".join(lines)
@@ -76,16 +94,18 @@ class History(commands.Cog):
             total = await job_rows.count_jobs(
                 session, user_id=interaction.user.id, status=JobStatus(status) if status else None
             )
+        pages = (total + PAGE - 1) // PAGE
         if not jobs:
-            await answer(
-                interaction, "No jobs there." if page > 1 else "You have no jobs yet; try `/imagine`."
-            )
+            if total:
+                text = f"There is no page {page}; these jobs fill {pages} page{'s' if pages != 1 else ''}."
+            else:
+                text = f"You have no {status} jobs." if status else "You have no jobs yet; try `/imagine`."
+            await answer(interaction, text)
             return
         lines = [
             f"`{job.id}` {job.status.value} · {job.kind} · {str(job.spec.get('prompt', ''))[:60]!r}"
             for job in jobs
         ]
-        pages = (total + PAGE - 1) // PAGE
         await answer(
             interaction, "\n".join(lines) + f"\npage {page} of {pages} · `/show job:<id>` to see one"
         )
@@ -100,8 +120,10 @@ class History(commands.Cog):
         async with self.engine.db.sessions() as session:
             row = await job_rows.get_job(session, job)
             images = await job_rows.list_images(session, job)
+        # Your own jobs anywhere; others' only in the server they were made in (never across DMs).
         visible = row is not None and (
-            row.user_id == interaction.user.id or row.guild_id == interaction.guild_id
+            row.user_id == interaction.user.id
+            or (row.guild_id is not None and row.guild_id == interaction.guild_id)
         )
         if row is None or not visible:
             raise NotFoundError(f"There is no job {job} that you can see here.")
@@ -133,9 +155,8 @@ class History(commands.Cog):
         if info.tool is None:
             await interaction.followup.send("This image carries no generation parameters.", ephemeral=True)
             return
-        await interaction.followup.send(
-            f"Made with {info.tool}:\n```\n{info.raw[:1900]}\n```", ephemeral=True
-        )
+        raw = info.raw[:1900].replace("```", "``\u200b`")  # the text cannot close the code block
+        await interaction.followup.send(f"Made with {info.tool}:\n```\n{raw}\n```", ephemeral=True)
 
     @prompt.command(name="explain")
     async def prompt_explain(
