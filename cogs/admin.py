@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.common import SIZE_PRESETS, answer
-from pipelines.guild_policy import NSFW_POLICIES, GuildPolicy, parse_banned
+from pipelines.guild_policy import NSFW_POLICIES, UPLOAD_POLICIES, GuildPolicy, parse_banned
 from pipelines.samplers import SAMPLERS
 from storage import jobs as job_rows
 from storage.errors import InvalidRequestError
@@ -127,11 +127,15 @@ class Admin(commands.Cog):
             f"Allowed models: {', '.join(policy.allowed_models) or 'all'}\n"
             f"Banned words: {len(policy.banned_words)}\n"
             f"Forced negative prompt: {policy.forced_negative or '(none)'}\n"
-            f"NSFW prompts outside age-restricted channels: {policy.nsfw} ({len(policy.nsfw_words)} words)",
+            f"NSFW prompts outside age-restricted channels: {policy.nsfw} ({len(policy.nsfw_words)} words)\n"
+            f"Who may upload files: {policy.uploads}",
         )
 
     @settings.command(name="set")
-    @app_commands.choices(nsfw=[app_commands.Choice(name=p, value=p) for p in NSFW_POLICIES])
+    @app_commands.choices(
+        nsfw=[app_commands.Choice(name=p, value=p) for p in NSFW_POLICIES],
+        uploads=[app_commands.Choice(name=p, value=p) for p in UPLOAD_POLICIES],
+    )
     async def settings_set(
         self,
         interaction: discord.Interaction,
@@ -141,6 +145,7 @@ class Admin(commands.Cog):
         forced_negative: str | None = None,
         nsfw: str | None = None,
         nsfw_words: str | None = None,
+        uploads: str | None = None,
         channel: discord.TextChannel | None = None,
     ) -> None:
         """Change this server's rules (leave an option out to keep it; "-" clears it).
@@ -152,6 +157,7 @@ class Admin(commands.Cog):
             forced_negative: Text always added to the negative prompt.
             nsfw: Outside age-restricted channels: spoiler NSFW prompts' images, or block them.
             nsfw_words: Comma-separated words or /regex/ patterns that make a prompt NSFW.
+            uploads: Who may upload and import LoRAs, embeddings, hypernetworks and VAEs.
             channel: Set these for one channel only (overrides the server's rules there).
         """
         guild_id = _require_admin(interaction)
@@ -170,6 +176,8 @@ class Admin(commands.Cog):
             changes["forced_negative"] = "" if forced_negative == "-" else forced_negative[:1000]
         if nsfw is not None:
             changes["nsfw"] = nsfw
+        if uploads is not None:
+            changes["uploads"] = uploads
         if nsfw_words is not None:
             changes["nsfw_words"] = None if nsfw_words == "-" else list(parse_banned(nsfw_words))
         async with self.engine.db.sessions.begin() as session:

@@ -113,6 +113,14 @@ class AssetGroup(app_commands.Group):
         names = [n for n in own if current.lower() in n.lower()]
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
+    async def _may_upload(self, interaction: discord.Interaction) -> None:
+        """The server may keep uploads to its admins (/settings set uploads:admins)."""
+        from cogs.admin import guild_policy
+
+        policy = await guild_policy(self.engine, interaction.guild_id, interaction.channel_id)
+        if policy.uploads == "admins" and not interaction.permissions.manage_guild:
+            raise InvalidRequestError("On this server only members with Manage Server can add files.")
+
     @app_commands.command(name="upload")
     async def upload(
         self, interaction: discord.Interaction, file: discord.Attachment, name: str | None = None
@@ -123,6 +131,7 @@ class AssetGroup(app_commands.Group):
             file: The file.
             name: The name to use in prompts (default: the file's name).
         """
+        await self._may_upload(interaction)
         cap = self.engine.asset_caps.get(self.kind, 1024 * 2**20)
         if file.size > cap:  # refused before anything is downloaded
             raise InvalidRequestError(
@@ -159,6 +168,7 @@ class AssetGroup(app_commands.Group):
         """
         from pipelines.url_import import DEFAULT_ALLOWED_HOSTS, check_url, fetch_to_file
 
+        await self._may_upload(interaction)
         settings = self.engine.settings
         hosts = settings.import_hosts if settings.import_hosts is not None else DEFAULT_ALLOWED_HOSTS
         check_url(url, hosts)  # a bad link is refused before anything is acknowledged or fetched

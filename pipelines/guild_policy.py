@@ -20,9 +20,25 @@ from typing import Any
 from pipelines.jobs import JobSpec
 from storage.errors import InvalidRequestError
 
-__all__ = ["DEFAULT_NSFW_WORDS", "NSFW_POLICIES", "POLICY_KEYS", "GuildPolicy", "parse_banned"]
+__all__ = [
+    "DEFAULT_NSFW_WORDS",
+    "NSFW_POLICIES",
+    "POLICY_KEYS",
+    "UPLOAD_POLICIES",
+    "GuildPolicy",
+    "parse_banned",
+]
 
-POLICY_KEYS = ("default_model", "allowed_models", "banned_words", "forced_negative", "nsfw", "nsfw_words")
+POLICY_KEYS = (
+    "default_model",
+    "allowed_models",
+    "banned_words",
+    "forced_negative",
+    "nsfw",
+    "nsfw_words",
+    "uploads",
+)
+UPLOAD_POLICIES = ("everyone", "admins")
 NSFW_POLICIES = ("spoiler", "block")
 #: A starting list; admins replace it with /settings set nsfw_words:
 DEFAULT_NSFW_WORDS = (
@@ -50,6 +66,7 @@ class GuildPolicy:
     forced_negative: str = ""
     nsfw: str = "spoiler"
     nsfw_words: tuple[str, ...] = DEFAULT_NSFW_WORDS
+    uploads: str = "everyone"  # who may upload or import files: everyone, or admins (Manage Server)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], channel_id: int | None = None) -> GuildPolicy:
@@ -64,6 +81,7 @@ class GuildPolicy:
             forced_negative=str(settings.get("forced_negative") or ""),
             nsfw=str(settings.get("nsfw") or "spoiler"),
             nsfw_words=tuple(settings.get("nsfw_words") or DEFAULT_NSFW_WORDS),
+            uploads=str(settings.get("uploads") or "everyone"),
         )
         return policy
 
@@ -83,6 +101,7 @@ class GuildPolicy:
             "forced_negative": self.forced_negative,
             "nsfw": self.nsfw,
             "nsfw_words": list(self.nsfw_words),
+            "uploads": self.uploads,
         }
 
     def is_nsfw(self, spec: JobSpec) -> bool:

@@ -170,3 +170,36 @@ async def test_preferences_are_each_users_own_defaults(
     with Image.open(io.BytesIO((await wait_job_message(double, explicit)).file_bytes(0))) as png:
         assert "Steps: 3" in png.info["parameters"]  # what is typed wins over the defaults
     double.assert_clean()
+
+
+async def test_a_server_can_keep_uploads_to_its_admins(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User, admin: User
+) -> None:
+    from pathlib import Path
+
+    record = await double.slash(
+        admin, guild, None, "settings", subcommand="set", options={"uploads": "admins"}
+    )
+    await settled_message(record, _said("Saved."))
+    lora = (
+        Path(__file__).resolve().parents[2] / "models/shapes/loras/purple-circles.safetensors"
+    ).read_bytes()
+    refused = await double.slash(
+        alice,
+        guild,
+        None,
+        "lora",
+        subcommand="upload",
+        attachments={"file": double.add_attachment("p.safetensors", lora)},
+    )
+    await settled_message(refused, _said("only members with Manage Server can add files"))
+    allowed = await double.slash(
+        admin,
+        guild,
+        None,
+        "lora",
+        subcommand="upload",
+        attachments={"file": double.add_attachment("p.safetensors", lora)},
+    )
+    await settled_message(allowed, _said("Added"))
+    double.assert_clean()
