@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -12,6 +12,8 @@ from discord.ext import commands
 
 from cogs.common import answer, read_image_attachment
 from cogs.job_buttons import result_view
+from pipelines.followups import spec_from_parameters
+from pipelines.jobs import JobSpec
 from pipelines.pnginfo import read_info
 from pipelines.prompt_chunks import explain
 from pipelines.prompts import parse_attention
@@ -58,6 +60,21 @@ def explain_text(prompt: str, steps: int) -> str:
     lines += [f"{net['type']} `{net['name']}` at {net['weight']:g}" for net in report["networks"]]
     lines.append(f"{report['tokens']} tokens in {report['chunks']} chunk(s) of 75")
     return "\n".join(lines)
+
+
+class RemixWithThese(discord.ui.View):
+    """Under /pnginfo's answer: open the remix form with the image's prompt and settings."""
+
+    def __init__(self, bot: commands.Bot, spec: JobSpec) -> None:
+        super().__init__(timeout=15 * 60)
+        self.bot, self.spec = bot, spec
+
+    @discord.ui.button(label="Remix with these", style=discord.ButtonStyle.primary)
+    async def remix(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
+        from cogs.generate import RemixModal
+
+        generate: Any = self.bot.get_cog("Generate")
+        await interaction.response.send_modal(RemixModal(generate, self.spec, None))
 
 
 class History(commands.Cog):
@@ -156,7 +173,16 @@ class History(commands.Cog):
             await interaction.followup.send("This image carries no generation parameters.", ephemeral=True)
             return
         raw = info.raw[:1900].replace("```", "``\u200b`")  # the text cannot close the code block
-        await interaction.followup.send(f"Made with {info.tool}:\n```\n{raw}\n```", ephemeral=True)
+        spec = spec_from_parameters(
+            info.prompt or "",
+            info.negative_prompt or "",
+            dict(info.parameters),
+            user_id=interaction.user.id,
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+        )
+        view = RemixWithThese(self.bot, spec) if spec.prompt else discord.utils.MISSING
+        await interaction.followup.send(f"Made with {info.tool}:\n```\n{raw}\n```", ephemeral=True, view=view)
 
     @prompt.command(name="explain")
     async def prompt_explain(

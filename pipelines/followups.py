@@ -13,7 +13,16 @@ from typing import Any, TypedDict, Unpack
 from pipelines.jobs import JobKind, JobSpec
 from storage.errors import InvalidRequestError
 
-__all__ = ["STRENGTHS", "Who", "for_user", "remix_spec", "reroll_spec", "upscale_spec", "variation_spec"]
+__all__ = [
+    "STRENGTHS",
+    "Who",
+    "for_user",
+    "spec_from_parameters",
+    "remix_spec",
+    "reroll_spec",
+    "upscale_spec",
+    "variation_spec",
+]
 
 
 class Who(TypedDict):
@@ -92,3 +101,31 @@ def remix_spec(spec: JobSpec, changes: dict[str, str], **who: Unpack[Who]) -> Jo
     if "seed" in values:
         remixed = replace(remixed, seed=values.pop("seed"))
     return replace(remixed, **values)
+
+
+def spec_from_parameters(
+    prompt: str, negative: str, parameters: dict[str, str], **who: Unpack[Who]
+) -> JobSpec:
+    """A txt2img request from another tool's parameters (``/pnginfo`` → "Remix with these").
+
+    Settings this bot cannot use (an unknown sampler, an odd size) fall back to the defaults; the form
+    that follows lets the user check them.
+    """
+    from pipelines.samplers import SAMPLERS
+
+    values: dict[str, Any] = {}
+    for label, field_name, kind in (
+        ("Steps", "steps", int),
+        ("CFG scale", "cfg", float),
+        ("Seed", "seed", int),
+    ):
+        try:
+            values[field_name] = kind(parameters[label])
+        except (KeyError, ValueError):
+            continue
+    if parameters.get("Sampler") in SAMPLERS:
+        values["sampler"] = parameters["Sampler"]
+    width, _, height = parameters.get("Size", "").partition("x")
+    if width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0:
+        values["width"], values["height"] = int(width), int(height)
+    return JobSpec(prompt=prompt, negative_prompt=negative, **values, **who)

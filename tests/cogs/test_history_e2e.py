@@ -130,3 +130,39 @@ async def test_prompt_explain(double: DiscordDouble, bot: Any, guild: Guild, ali
     record = await slash(double, alice, guild, "prompt", "explain", text="(a:x)")
     assert await answer(record) == "**Weights**: (a:x:1.1)\n3 tokens in 1 chunk(s) of 75"
     double.assert_clean()
+
+
+async def test_pnginfo_offers_remix_with_the_images_settings(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User
+) -> None:
+    parameters = (
+        "a blue square\nNegative prompt: blurry\n"
+        "Steps: 5, Sampler: Euler a, CFG scale: 6, Seed: 99, Size: 64x64"
+    )
+    attachment = double.add_attachment("theirs.png", _png({"parameters": parameters}))
+    record = await double.slash(alice, guild, None, "pnginfo", attachments={"image": attachment})
+    reply = await record.final_message()
+    click = await double.click(alice, reply, reply.custom_id("Remix with these"))
+    modal = await click.response()
+    assert modal.callback_type == 9
+    fields = {
+        c["label"]: c.get("value", "")
+        for row in modal.payload["data"]["components"]
+        for c in row["components"]
+    }
+    assert (
+        fields["Prompt"] == "a blue square"
+        and fields["Negative prompt"] == "blurry"
+        and fields["Steps"] == "5"
+    )
+    values = {
+        c["custom_id"]: c.get("value", "")
+        for row in modal.payload["data"]["components"]
+        for c in row["components"]
+    }
+    remix = await double.submit_modal(alice, modal.payload["data"]["custom_id"], values)
+    result = await wait_job_message(double, remix)
+    with Image.open(io.BytesIO(result.file_bytes(0))) as png:
+        text = png.info["parameters"]
+    assert "a blue square" in text and "Sampler: Euler a" in text and "CFG scale: 6" in text
+    double.assert_clean()
