@@ -201,6 +201,21 @@ class Admin(commands.Cog):
         synced = await self.bot.tree.sync()
         await interaction.followup.send(f"Synced {len(synced)} commands.", ephemeral=True)
 
+    @admin.command(name="models")
+    async def admin_models(self, interaction: discord.Interaction) -> None:
+        """Look for new or removed checkpoints in the models folder (no restart needed)."""
+        _require_admin(interaction)
+        before = {entry.name for entry in self.engine.registry.list()}
+        self.engine.registry.refresh()
+        after = {entry.name for entry in self.engine.registry.list()}
+        added, gone = sorted(after - before), sorted(before - after)
+        parts = [f"{len(after)} models"]
+        if added:
+            parts.append("new: " + ", ".join(added))
+        if gone:
+            parts.append("gone: " + ", ".join(gone))
+        await answer(interaction, "; ".join(parts)[:2000] + ".")
+
     @admin.command(name="pause")
     async def admin_pause(self, interaction: discord.Interaction) -> None:
         """Stop starting new jobs (running ones finish; new ones still queue)."""

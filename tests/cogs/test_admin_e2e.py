@@ -203,3 +203,26 @@ async def test_a_server_can_keep_uploads_to_its_admins(
     )
     await settled_message(allowed, _said("Added"))
     double.assert_clean()
+
+
+async def test_admin_models_refresh_finds_a_new_checkpoint(
+    double: DiscordDouble,
+    bot: Any,
+    engine: Engine,
+    guild: Guild,
+    admin: User,
+    tmp_path: Any,
+    tiny_models: Any,
+) -> None:
+    root = tmp_path / "webui"
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    engine.registry.models_root = root  # as if the settings named an A1111 folder
+    engine.registry.refresh()
+    mine = root / "models" / "Stable-diffusion" / "mine"
+    mine.mkdir()
+    index = (tiny_models / "sd15" / "model_index.json").read_text()
+    (mine / "model_index.json").write_text(index)  # a diffusers folder appears (loading is not tried here)
+    record = await double.slash(admin, guild, None, "admin", subcommand="models")
+    reply = await record.final_message()
+    assert "new: mine" in reply.content, reply.content
+    double.assert_clean()
