@@ -128,7 +128,9 @@ class Admin(commands.Cog):
             f"Banned words: {len(policy.banned_words)}\n"
             f"Forced negative prompt: {policy.forced_negative or '(none)'}\n"
             f"NSFW prompts outside age-restricted channels: {policy.nsfw} ({len(policy.nsfw_words)} words)\n"
-            f"Who may upload files: {policy.uploads}",
+            f"Who may upload files: {policy.uploads}\n"
+            f"Limits: steps {policy.max_steps or 'bot default'}, side {policy.max_size or 'bot default'} px, "
+            f"images {policy.max_count or 'bot default'}",
         )
 
     @settings.command(name="set")
@@ -146,6 +148,9 @@ class Admin(commands.Cog):
         nsfw: str | None = None,
         nsfw_words: str | None = None,
         uploads: str | None = None,
+        max_steps: app_commands.Range[int, 1, 150] | None = None,
+        max_size: app_commands.Range[int, 64, 2048] | None = None,
+        max_count: app_commands.Range[int, 1, 4] | None = None,
         channel: discord.TextChannel | None = None,
     ) -> None:
         """Change this server's rules (leave an option out to keep it; "-" clears it).
@@ -158,6 +163,9 @@ class Admin(commands.Cog):
             nsfw: Outside age-restricted channels: spoiler NSFW prompts' images, or block them.
             nsfw_words: Comma-separated words or /regex/ patterns that make a prompt NSFW.
             uploads: Who may upload and import LoRAs, embeddings, hypernetworks and VAEs.
+            max_steps: The most steps a job may ask for here.
+            max_size: The longest side in pixels a job may ask for here.
+            max_count: The most images per job here.
             channel: Set these for one channel only (overrides the server's rules there).
         """
         guild_id = _require_admin(interaction)
@@ -178,6 +186,8 @@ class Admin(commands.Cog):
             changes["nsfw"] = nsfw
         if uploads is not None:
             changes["uploads"] = uploads
+        limits = {"max_steps": max_steps, "max_size": max_size, "max_count": max_count}
+        changes.update({key: value for key, value in limits.items() if value is not None})
         if nsfw_words is not None:
             changes["nsfw_words"] = None if nsfw_words == "-" else list(parse_banned(nsfw_words))
         async with self.engine.db.sessions.begin() as session:

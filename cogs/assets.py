@@ -22,7 +22,14 @@ from cogs.common import answer
 from models.adapters.targets import adapter_fits, model_of
 from models.families import Family, family_info
 from pipelines.asset_uploads import AddedAsset, add_asset_file, name_from_filename, remove_asset_file
-from storage.assets import check_asset_name, list_usable_assets, rename_asset, set_visibility, usable_names
+from storage.assets import (
+    check_asset_name,
+    list_usable_assets,
+    owned_bytes,
+    rename_asset,
+    set_visibility,
+    usable_names,
+)
 from storage.errors import InvalidRequestError, NotFoundError
 from storage.tables import AssetKind, Visibility
 
@@ -113,13 +120,22 @@ class AssetGroup(app_commands.Group):
         names = [n for n in own if current.lower() in n.lower()]
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
-    async def _may_upload(self, interaction: discord.Interaction) -> None:
-        """The server may keep uploads to its admins (/settings set uploads:admins)."""
+    async def _may_upload(self, interaction: discord.Interaction, size: int = 0) -> int:
+        """Refuse what the server's rules or the user's storage quota forbid; returns the bytes left."""
         from cogs.admin import guild_policy
 
         policy = await guild_policy(self.engine, interaction.guild_id, interaction.channel_id)
         if policy.uploads == "admins" and not interaction.permissions.manage_guild:
             raise InvalidRequestError("On this server only members with Manage Server can add files.")
+        quota = self.engine.settings.user_storage_mb * 2**20
+        async with self.engine.db.sessions() as session:
+            used = await owned_bytes(session, interaction.user.id)
+        if used + size > quota:
+            raise InvalidRequestError(
+                f"Your files already take {used / 2**20:.0f} MB of your {quota // 2**20} MB; "
+                f"delete some (`/{self.name} delete`) to make room."
+            )
+        return quota - used
 
     @app_commands.command(name="upload")
     async def upload(
@@ -131,7 +147,7 @@ class AssetGroup(app_commands.Group):
             file: The file.
             name: The name to use in prompts (default: the file's name).
         """
-        await self._may_upload(interaction)
+        await self._may_upload(interaction, file.size)
         cap = self.engine.asset_caps.get(self.kind, 1024 * 2**20)
         if file.size > cap:  # refused before anything is downloaded
             raise InvalidRequestError(
@@ -168,7 +184,7 @@ class AssetGroup(app_commands.Group):
         """
         from pipelines.url_import import DEFAULT_ALLOWED_HOSTS, check_url, fetch_to_file
 
-        await self._may_upload(interaction)
+        room = await self._may_upload(interaction)
         settings = self.engine.settings
         hosts = settings.import_hosts if settings.import_hosts is not None else DEFAULT_ALLOWED_HOSTS
         check_url(url, hosts)  # a bad link is refused before anything is acknowledged or fetched
@@ -179,7 +195,7 @@ class AssetGroup(app_commands.Group):
             url,
             imports,
             allowed_hosts=hosts,
-            max_bytes=self.engine.asset_caps.get(self.kind, 1024 * 2**20),
+            max_bytes=min(self.engine.asset_caps.get(self.kind, 1024 * 2**20), room),
             timeout_s=settings.import_timeout_s,
         )
         try:

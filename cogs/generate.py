@@ -180,6 +180,8 @@ class Generate(commands.Cog):
         hires: app_commands.Range[float, 0.0, 4.0] = 0.0,
         lora: str | None = None,
         lora_weight: app_commands.Range[float, -5.0, 5.0] = 0.8,
+        embedding: str | None = None,
+        hypernet: str | None = None,
     ) -> None:
         """Draw images from a text prompt (webui prompt syntax, <lora:name:0.8> included).
 
@@ -199,12 +201,18 @@ class Generate(commands.Cog):
             hires: Hires fix upscale factor (1.5-2 is typical; 0: off).
             lora: One of your LoRAs (or add <lora:name:weight> to the prompt).
             lora_weight: The LoRA's strength.
+            embedding: One of your embeddings, added to the prompt (or write its name in the prompt).
+            hypernet: One of your hypernetworks (or add <hypernet:name:1> to the prompt).
         """
         mine = await user_preferences(self.engine, interaction.user.id)
         model = model or mine.get("model")
         w, h = self._size(model, size or mine.get("size"), width, height)
         if lora:
             prompt = f"{prompt} <lora:{lora.strip()}:{lora_weight:g}>"
+        if embedding:
+            prompt = f"{prompt}, {embedding.strip()}"
+        if hypernet:
+            prompt = f"{prompt} <hypernet:{hypernet.strip()}:1>"
         spec = JobSpec(
             prompt=prompt,
             negative_prompt=negative if negative is not None else str(mine.get("negative", "")),
@@ -239,6 +247,18 @@ class Generate(commands.Cog):
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
         return await self._asset_choices(interaction, current, AssetKind.LORA)
+
+    @imagine.autocomplete("embedding")
+    async def embedding_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await self._asset_choices(interaction, current, AssetKind.EMBEDDING)
+
+    @imagine.autocomplete("hypernet")
+    async def hypernet_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await self._asset_choices(interaction, current, AssetKind.HYPERNETWORK)
 
     @imagine.autocomplete("vae")
     async def vae_autocomplete(

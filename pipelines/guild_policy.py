@@ -37,6 +37,9 @@ POLICY_KEYS = (
     "nsfw",
     "nsfw_words",
     "uploads",
+    "max_steps",
+    "max_size",
+    "max_count",
 )
 UPLOAD_POLICIES = ("everyone", "admins")
 NSFW_POLICIES = ("spoiler", "block")
@@ -67,6 +70,9 @@ class GuildPolicy:
     nsfw: str = "spoiler"
     nsfw_words: tuple[str, ...] = DEFAULT_NSFW_WORDS
     uploads: str = "everyone"  # who may upload or import files: everyone, or admins (Manage Server)
+    max_steps: int | None = None  # tighter than the bot's own limits, or None
+    max_size: int | None = None  # the longest side in pixels
+    max_count: int | None = None  # images per job
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], channel_id: int | None = None) -> GuildPolicy:
@@ -82,6 +88,9 @@ class GuildPolicy:
             nsfw=str(settings.get("nsfw") or "spoiler"),
             nsfw_words=tuple(settings.get("nsfw_words") or DEFAULT_NSFW_WORDS),
             uploads=str(settings.get("uploads") or "everyone"),
+            max_steps=settings.get("max_steps"),
+            max_size=settings.get("max_size"),
+            max_count=settings.get("max_count"),
         )
         return policy
 
@@ -102,7 +111,20 @@ class GuildPolicy:
             "nsfw": self.nsfw,
             "nsfw_words": list(self.nsfw_words),
             "uploads": self.uploads,
+            "max_steps": self.max_steps,
+            "max_size": self.max_size,
+            "max_count": self.max_count,
         }
+
+    def _check_limits(self, spec: JobSpec) -> None:
+        if self.max_steps is not None and spec.steps > self.max_steps:
+            raise InvalidRequestError(f"This server allows at most {self.max_steps} steps; ask for fewer.")
+        if self.max_count is not None and spec.batch > self.max_count:
+            raise InvalidRequestError(f"This server allows at most {self.max_count} image(s) per job.")
+        if self.max_size is not None and max(spec.width, spec.height) > self.max_size:
+            raise InvalidRequestError(
+                f"This server allows images up to {self.max_size} pixels on a side; ask for a smaller size."
+            )
 
     def is_nsfw(self, spec: JobSpec) -> bool:
         """Whether the prompt matches the server's NSFW words."""
@@ -117,6 +139,7 @@ class GuildPolicy:
             raise InvalidRequestError(
                 "That prompt is for age-restricted channels only on this server; use one of those."
             )
+        self._check_limits(spec)
         model = spec.model or self.default_model
         if self.allowed_models and model is not None and model not in self.allowed_models:
             raise InvalidRequestError(

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
         description="Largest upload per asset kind in MB (lora, embedding, hypernetwork, vae); "
         "unset kinds keep the defaults 1024 / 16 / 512 / 1024.",
     )
+    user_storage_mb: int = Field(2_048, ge=0, description="Uploads one user may keep, in MB (all kinds).")
     adapter_cache_mb: int = Field(2_048, ge=0, description="Memory for recently used adapter weights.")
     queue_per_user: int = Field(10, ge=1, description="Jobs one user may have waiting or running.")
     queue_per_guild: int = Field(100, ge=1, description="Jobs one server may have waiting or running.")

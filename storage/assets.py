@@ -38,6 +38,7 @@ __all__ = [
     "remove_asset",
     "rename_asset",
     "set_visibility",
+    "owned_bytes",
     "usable_names",
 ]
 
@@ -230,6 +231,14 @@ async def set_visibility(
     row.visibility = visibility
     await session.flush()
     return row
+
+
+async def owned_bytes(session: AsyncSession, owner_id: int) -> int:
+    """How many bytes of uploads a user owns (for their storage quota)."""
+    return int(
+        await session.scalar(select(func.coalesce(func.sum(Asset.size), 0)).where(Asset.owner_id == owner_id))
+        or 0
+    )
 
 
 def usable_names(rows: Sequence[Asset]) -> list[str]:

@@ -86,12 +86,13 @@ async def settled_message(
         message = record.original
         if message is not None and done(message):
             return message
-        for action in reversed(record.actions):
-            if action.message is not None and done(action.message):
-                return action.message
+        for candidate in [*reversed(record.followups), *(a.message for a in reversed(record.actions))]:
+            if candidate is not None and done(candidate):
+                return candidate
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(
-                f"no settled message; actions: {[(a.kind, a.status) for a in record.actions]}"
+                f"no settled message; actions: {[(a.kind, a.status) for a in record.actions]}; "
+                f"messages: {[(m.content, m.ephemeral) for m in [record.original, *record.followups] if m]}"
             )
         await asyncio.sleep(0.05)
 

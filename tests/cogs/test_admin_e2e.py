@@ -226,3 +226,44 @@ async def test_admin_models_refresh_finds_a_new_checkpoint(
     reply = await record.final_message()
     assert "new: mine" in reply.content, reply.content
     double.assert_clean()
+
+
+async def test_server_limits_and_the_users_storage_quota(
+    double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User, admin: User
+) -> None:
+    from pathlib import Path
+
+    record = await double.slash(
+        admin, guild, None, "settings", subcommand="set", options={"max_steps": 10, "max_count": 2}
+    )
+    await settled_message(record, _said("Saved."))
+    steps = await double.slash(alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 11})
+    await settled_message(steps, _said("at most 10 steps"))
+    count = await double.slash(
+        alice, guild, None, "imagine", options={"prompt": "a red circle", "count": 3, "steps": 4}
+    )
+    await settled_message(count, _said("at most 2 image(s)"))
+    assert await _jobs(engine) == 0
+    lora = (
+        Path(__file__).resolve().parents[2] / "models/shapes/loras/purple-circles.safetensors"
+    ).read_bytes()
+    engine.settings = engine.settings.model_copy(update={"user_storage_mb": 1})
+    first = await double.slash(
+        alice,
+        guild,
+        None,
+        "lora",
+        subcommand="upload",
+        attachments={"file": double.add_attachment("a.safetensors", lora)},
+    )
+    await settled_message(first, _said("Added"))
+    over = await double.slash(
+        alice,
+        guild,
+        None,
+        "lora",
+        subcommand="upload",
+        attachments={"file": double.add_attachment("b.safetensors", lora + b" " * (1 << 20))},
+    )
+    await settled_message(over, _said("of your 1 MB"))
+    double.assert_clean()

@@ -245,3 +245,36 @@ async def test_sync_commands_registers_every_command_once(double: DiscordDouble,
     assert await sync_commands(token_settings) == len(await command_payloads(settings))
     assert {c["name"] for c in double.commands()} >= {"imagine", "lora", "admin", "forget-me"}
     double.assert_clean()
+
+
+async def test_a_result_after_the_token_expired_goes_to_the_channel(
+    double: DiscordDouble, bot: Any, guild: Guild, alice: User, monkeypatch: Any
+) -> None:
+    import cogs.presenter
+
+    monkeypatch.setattr(cogs.presenter, "TOKEN_LIFETIME_S", 0.0)  # as if the queue took 15 minutes
+    await double.slash(alice, guild, None, "imagine", options={"prompt": "a red circle", "steps": 4})
+    posted = await double.wait_for_message(guild.channels[0].id, lambda m: bool(m.attachments), timeout=60)
+    assert f"<@{alice.id}>" in posted.content and posted.embeds
+    double.assert_clean()
+
+
+async def test_results_too_big_for_the_upload_limit_are_reencoded(
+    double: DiscordDouble, running_bot: Any, engine: Engine, alice: User
+) -> None:
+    small = double.add_guild("Small uploads", attachment_size_limit=6_000)
+    double.add_member(small, alice)
+    async with running_bot(engine):
+        record = await double.slash(
+            alice,
+            small,
+            None,
+            "imagine",
+            options={"prompt": "a red circle", "steps": 4, "count": 2, "width": 128, "height": 128},
+        )
+        message = await wait_job_message(double, record)
+    names = [a["filename"] for a in message.attachments]
+    note = " ".join(f["value"] for f in message.embeds[0].get("fields", []) if f["name"] == "Note")
+    assert names and not any(n.endswith("-1.png") for n in names), names
+    assert "JPEG" in note or "WebP" in note, note
+    double.assert_clean()
