@@ -32,6 +32,7 @@ from pipelines.jobs import JobSpec
 from pipelines.modes import AdapterHook, ExtraCache, RunContext, RunOutput, StepHook, latents_hook, run_job
 from pipelines.parameters import webui_parameters
 from pipelines.pnginfo import png_bytes
+from pipelines.queue import affinity_of
 from storage.errors import BotError, GenerationError
 from storage.files import FileStore
 from storage.tables import AssetKind
@@ -71,7 +72,9 @@ class ProgressSink(Protocol):
 
     def wants_preview(self, job_id: int, done: int, total: int) -> bool: ...
 
-    def preview(self, job_id: int, done: int, latents: torch.Tensor, model: LoadedModel) -> None: ...
+    def preview(
+        self, job_id: int, done: int, total: int, latents: torch.Tensor, model: LoadedModel
+    ) -> None: ...
 
 
 @dataclass
@@ -143,7 +146,7 @@ class _Control:
 
     def on_latents(self, done: int, total: int, latents: torch.Tensor) -> None:
         if self.model is not None and self.sink.wants_preview(self.item.job_id, done, total):
-            self.sink.preview(self.item.job_id, done, latents, self.model)
+            self.sink.preview(self.item.job_id, done, total, latents, self.model)
 
 
 class BatchExecutor:
@@ -226,7 +229,7 @@ class BatchExecutor:
         finally:
             latents_hook.reset(token)
         control.check()  # cancelled during the last step or the decode: it stays cancelled
-        self.loaded = _affinity(spec)
+        self.loaded = affinity_of(spec)
         return ctx, output
 
     def _failure(self, item: WorkItem, exc: Exception) -> Outcome:
@@ -272,7 +275,7 @@ class BatchExecutor:
                 log.warning("a batch of %d jobs ran out of memory; running them one by one", len(items))
                 return [self._solo(item) for item in items]
             raise
-        self.loaded = _affinity(items[0].spec)
+        self.loaded = affinity_of(items[0].spec)
         outcomes = []
         for item, control, images in zip(items, controls, results, strict=True):
             if control.dropped():
@@ -326,12 +329,6 @@ class BatchExecutor:
             for ref in spec.adapters
         ]
         return lambda model: self.adapters.applied(model, active)
-
-
-def _affinity(spec: JobSpec) -> object:
-    from pipelines.queue import affinity_of
-
-    return affinity_of(spec)
 
 
 def _quiet_step(control: _Control) -> Callable[[int, int], None]:

@@ -63,14 +63,14 @@ class _Sink:
         self.stuck = False  # set by the watchdog, cleared by the next step
         self.active: set[int] = set()  # the jobs the thread is running now
         self._last: dict[int, float] = {}
-        self._started: dict[int, tuple[float, int]] = {}  # job -> (time of step 0, total)
+        self._started: dict[int, float] = {}  # job -> when the thread began it
 
     def begin(self, job_ids: list[int]) -> None:
         """The thread starts these jobs now (they may have waited for it)."""
         now = self.heartbeat = time.monotonic()
         self.active = set(job_ids)
         for job_id in job_ids:
-            self._started[job_id] = (now, 0)
+            self._started[job_id] = now
             self._last.pop(job_id, None)
 
     def end(self, job_id: int) -> None:
@@ -78,7 +78,7 @@ class _Sink:
         self._last.pop(job_id, None)
 
     def _eta(self, job_id: int, done: int, total: int) -> float:
-        began, _ = self._started.get(job_id, (time.monotonic(), 0))
+        began = self._started.get(job_id, time.monotonic())
         elapsed = time.monotonic() - began
         return round(elapsed / max(done, 1) * max(total - done, 0), 1)
 
@@ -94,7 +94,7 @@ class _Sink:
         every = self.options.preview_every
         return bool(every) and done % every == 0 and done < total and self.hub.wants_previews(job_id)
 
-    def preview(self, job_id: int, done: int, latents: torch.Tensor, model: LoadedModel) -> None:
+    def preview(self, job_id: int, done: int, total: int, latents: torch.Tensor, model: LoadedModel) -> None:
         from pipelines.previews import latents_to_preview, rgb_factors_for
 
         try:
@@ -106,9 +106,8 @@ class _Sink:
             return
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        total = self._started.get(job_id, (0.0, 0))[1]
         self.hub.publish_threadsafe(
-            Progress(job_id, done, max(total, done), self._eta(job_id, done, total), buffer.getvalue())
+            Progress(job_id, done, total, self._eta(job_id, done, total), buffer.getvalue())
         )
 
 
