@@ -503,7 +503,9 @@ class Generate(commands.Cog):
             return
         if action == "info":
             text = (
-                images and _parameters(self.engine, images[0].sha256) or "This job has no stored parameters."
+                images
+                and self.engine.stored_parameters(images[0].sha256)
+                or "This job has no stored parameters."
             )
             await answer(interaction, f"```\n{text[:1900]}\n```")
             return
@@ -543,10 +545,3 @@ class Generate(commands.Cog):
         await interaction.response.defer()
         if interaction.message is not None:
             await interaction.message.delete()
-
-
-def _parameters(engine: Engine, sha256: str) -> str:
-    from PIL import Image
-
-    with Image.open(engine.files.path_for(sha256)) as image:
-        return str(getattr(image, "text", {}).get("parameters", ""))

@@ -23,7 +23,7 @@ from pipelines.samplers import make_scheduler
 from pipelines.settings import Settings
 from pipelines.text_to_image import generators_for
 
-__all__ = ["run_bench"]
+__all__ = ["run_bench", "scratch_settings"]
 
 
 def _bare_call(engine: Engine, spec: JobSpec) -> float:
@@ -68,19 +68,19 @@ async def _measure(engine: Engine, spec: JobSpec, repeats: int) -> dict[str, Any
     }
 
 
+def scratch_settings(settings: Settings, data_dir: Path) -> Settings:
+    """The settings with a scratch database and store; the built-in models stay where they are built."""
+    return settings.model_copy(
+        update={"data_dir": data_dir, "database_url": None, "builtin_models_dir": settings.tiny_models_dir}
+    )
+
+
 async def run_bench(
     settings: Settings, *, sizes: list[int], repeats: int = 5, model: str = "tiny-sd15", steps: int = 20
 ) -> dict[str, Any]:
     """Engine overhead per size, as a JSON-ready dict (a scratch database and store are used)."""
     with TemporaryDirectory(prefix="dreamcord-bench-") as scratch:
-        # A scratch database and store; the built-in models stay where they are already built.
-        bench_settings = settings.model_copy(
-            update={
-                "data_dir": Path(scratch),
-                "database_url": None,
-                "builtin_models_dir": settings.tiny_models_dir,
-            }
-        )
+        bench_settings = scratch_settings(settings, Path(scratch))
         results: dict[str, Any] = {}
         async with Engine(bench_settings) as engine:
             for size in sizes:

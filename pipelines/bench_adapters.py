@@ -22,6 +22,7 @@ from models.adapters.lora_layers import layer_table
 from models.families import Family
 from models.sd15_reference import ensure_sd15_reference
 from pipelines.asset_uploads import add_asset_file
+from pipelines.bench import scratch_settings
 from pipelines.engine import Engine
 from pipelines.jobs import JobSpec
 from pipelines.settings import Settings
@@ -88,14 +89,8 @@ async def run_adapter_bench(
     reference = ensure_sd15_reference(reference_dir or settings.data_dir / "reference-models" / "sd15")
     with TemporaryDirectory(prefix="dreamcord-bench-adapters-") as scratch:
         work = Path(scratch)
-        bench_settings = settings.model_copy(
-            update={
-                "data_dir": work / "data",
-                "database_url": None,
-                "builtin_models_dir": settings.tiny_models_dir,
-                "models": {"sd15-reference": str(reference)},
-                "default_model": "sd15-reference",
-            }
+        bench_settings = scratch_settings(settings, work / "data").model_copy(
+            update={"models": {"sd15-reference": str(reference)}, "default_model": "sd15-reference"}
         )
         async with Engine(bench_settings) as engine:
             for name, seed in (("styleA", 1), ("styleB", 2)):

@@ -19,6 +19,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from pipelines.bench import scratch_settings
 from pipelines.engine import Engine
 from pipelines.jobs import JobSpec
 from pipelines.settings import Settings
@@ -179,13 +180,7 @@ async def run_queue_bench(
 ) -> dict[str, Any]:
     """The queue's figures as a JSON-ready dict (scratch database and store; built-in models reused)."""
     with TemporaryDirectory(prefix="dreamcord-bench-") as scratch:
-        bench_settings = settings.model_copy(
-            update={
-                "data_dir": Path(scratch),
-                "database_url": None,
-                "builtin_models_dir": settings.tiny_models_dir,
-            }
-        )
+        bench_settings = scratch_settings(settings, Path(scratch))
         batching = await _batching(bench_settings, model, size, steps, repeats)
         queue = await _queue_1000(
             bench_settings.model_copy(update={"data_dir": Path(scratch) / "q1000"}), model

@@ -331,6 +331,10 @@ class Engine:
         """Position and ETA of a queued job (running: no position); None once it has left the queue."""
         return self.queue.status(job_id)
 
+    def stored_parameters(self, sha256: str) -> str:
+        """The webui parameters a stored output PNG carries ("" if it has none)."""
+        return _parameters_of(self.files.path_for(sha256))
+
     async def _final_from_db(self, job_id: int) -> JobEvent | None:
         """The final event of a job that has already ended, rebuilt from its rows."""
         async with self.db.sessions() as session:
@@ -349,7 +353,7 @@ class Engine:
                     r.height,
                     r.sha256,
                     self.files.path_for(r.sha256),
-                    _parameters_of(self.files.path_for(r.sha256)),
+                    self.stored_parameters(r.sha256),
                 )
                 for r in rows
             ]
@@ -381,7 +385,6 @@ async def _result(job_id: int, events: AsyncIterator[JobEvent]) -> JobResult:
 
 
 def _parameters_of(path: Path) -> str:
-    """The webui parameters a stored PNG carries ("" if it has none)."""
     try:
         with Image.open(path) as image:
             return str(getattr(image, "text", {}).get("parameters", ""))

@@ -23,6 +23,22 @@ from tests.discord_double.records import InteractionRecord
 __all__ = ["double"]
 
 
+#: A real kohya LoRA for the shapes model, trained here (models/shapes/loras/).
+PURPLE_LORA = (
+    Path(__file__).resolve().parents[2] / "models" / "shapes" / "loras" / "purple-circles.safetensors"
+)
+
+
+async def upload_lora(
+    double: DiscordDouble, user: User, guild: Guild, data: bytes, filename: str = "p.safetensors"
+) -> InteractionRecord:
+    """``/lora upload`` of ``data`` as an attachment called ``filename``."""
+    attachment = double.add_attachment(filename, data)
+    return await double.slash(
+        user, guild, None, "lora", subcommand="upload", attachments={"file": attachment}
+    )
+
+
 @pytest.fixture
 def settings(tmp_path: Path, tiny_models: Path) -> Settings:
     return Settings(data_dir=tmp_path / "data", builtin_models_dir=tiny_models, preview_every=2)
@@ -110,4 +126,4 @@ async def wait_job_message(
     return await settled_message(record, finished, timeout)
 
 
-__all__ += ["settled_message", "wait_job_message"]
+__all__ += ["PURPLE_LORA", "settled_message", "upload_lora", "wait_job_message"]

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from pipelines.engine import Engine
 from storage.tables import Job
-from tests.cogs.conftest import settled_message, wait_job_message
+from tests.cogs.conftest import PURPLE_LORA, settled_message, upload_lora, wait_job_message
 from tests.discord_double import DiscordDouble, Guild, User
 
 
@@ -175,32 +175,14 @@ async def test_preferences_are_each_users_own_defaults(
 async def test_a_server_can_keep_uploads_to_its_admins(
     double: DiscordDouble, bot: Any, guild: Guild, alice: User, admin: User
 ) -> None:
-    from pathlib import Path
-
     record = await double.slash(
         admin, guild, None, "settings", subcommand="set", options={"uploads": "admins"}
     )
     await settled_message(record, _said("Saved."))
-    lora = (
-        Path(__file__).resolve().parents[2] / "models/shapes/loras/purple-circles.safetensors"
-    ).read_bytes()
-    refused = await double.slash(
-        alice,
-        guild,
-        None,
-        "lora",
-        subcommand="upload",
-        attachments={"file": double.add_attachment("p.safetensors", lora)},
-    )
+    lora = PURPLE_LORA.read_bytes()
+    refused = await upload_lora(double, alice, guild, lora, "p.safetensors")
     await settled_message(refused, _said("only members with Manage Server can add files"))
-    allowed = await double.slash(
-        admin,
-        guild,
-        None,
-        "lora",
-        subcommand="upload",
-        attachments={"file": double.add_attachment("p.safetensors", lora)},
-    )
+    allowed = await upload_lora(double, admin, guild, lora, "p.safetensors")
     await settled_message(allowed, _said("Added"))
     double.assert_clean()
 
@@ -231,8 +213,6 @@ async def test_admin_models_refresh_finds_a_new_checkpoint(
 async def test_server_limits_and_the_users_storage_quota(
     double: DiscordDouble, bot: Any, engine: Engine, guild: Guild, alice: User, admin: User
 ) -> None:
-    from pathlib import Path
-
     record = await double.slash(
         admin, guild, None, "settings", subcommand="set", options={"max_steps": 10, "max_count": 2}
     )
@@ -244,26 +224,10 @@ async def test_server_limits_and_the_users_storage_quota(
     )
     await settled_message(count, _said("at most 2 image(s)"))
     assert await _jobs(engine) == 0
-    lora = (
-        Path(__file__).resolve().parents[2] / "models/shapes/loras/purple-circles.safetensors"
-    ).read_bytes()
+    lora = PURPLE_LORA.read_bytes()
     engine.settings = engine.settings.model_copy(update={"user_storage_mb": 1})
-    first = await double.slash(
-        alice,
-        guild,
-        None,
-        "lora",
-        subcommand="upload",
-        attachments={"file": double.add_attachment("a.safetensors", lora)},
-    )
+    first = await upload_lora(double, alice, guild, lora, "a.safetensors")
     await settled_message(first, _said("Added"))
-    over = await double.slash(
-        alice,
-        guild,
-        None,
-        "lora",
-        subcommand="upload",
-        attachments={"file": double.add_attachment("b.safetensors", lora + b" " * (1 << 20))},
-    )
+    over = await upload_lora(double, alice, guild, lora + b" " * (1 << 20), "b.safetensors")
     await settled_message(over, _said("of your 1 MB"))
     double.assert_clean()

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from pipelines.engine import Engine
 from pipelines.settings import Settings
 from storage.tables import Job
-from tests.cogs.conftest import settled_message, wait_job_message
+from tests.cogs.conftest import PURPLE_LORA, settled_message, upload_lora, wait_job_message
 from tests.discord_double import DiscordDouble, Guild, User
 from tests.discord_double.rules import check_command
 
@@ -215,17 +215,7 @@ async def test_controlnet_result_shows_the_preprocessed_map(
 async def test_lora_and_vae_pickers_offer_only_what_the_user_may_use(
     double: DiscordDouble, bot: Any, guild: Guild, alice: User, bob: User
 ) -> None:
-    from pathlib import Path
-
-    lora = Path(__file__).resolve().parents[2] / "models" / "shapes" / "loras" / "purple-circles.safetensors"
-    upload = await double.slash(
-        alice,
-        guild,
-        None,
-        "lora",
-        subcommand="upload",
-        attachments={"file": double.add_attachment("purple.safetensors", lora.read_bytes())},
-    )
+    upload = await upload_lora(double, alice, guild, PURPLE_LORA.read_bytes(), "purple.safetensors")
     await settled_message(upload, lambda m: "Added" in (m.content or ""))
     mine = await double.autocomplete(
         alice, guild, None, "imagine", "lora", options={"prompt": "x", "lora": "pur"}
