@@ -6,15 +6,17 @@ not thread-safe). Inputs and outputs are plain data — specs, flags, stored fil
 over a pipe instead of shared memory.
 
 Faults stay inside one job: a user-facing error fails that job with its sentence; a crash fails it with
-a generic sentence (traceback in the log); CUDA out-of-memory on a shared batch reruns its jobs one by
-one, and on a lone job of several images reruns it image by image (same seeds, same pictures) before
-giving up with a sentence; a job past its time limit or cancelled stops at its next step, and in a
-shared batch only its rows stop.
+a generic sentence and a reference id (the traceback is logged under it); a full disk while storing the
+PNGs fails it with a sentence and removes what it had stored; CUDA out-of-memory on a shared batch
+reruns its jobs one by one, and on a lone job of several images reruns it image by image (same seeds,
+same pictures) before giving up with a sentence; a job past its time limit or cancelled stops at its
+next step, and in a shared batch only its rows stop.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +36,11 @@ from pipelines.parameters import webui_parameters
 from pipelines.pnginfo import png_bytes
 from pipelines.queue import affinity_of
 from storage.errors import BotError, GenerationError
-from storage.files import FileStore
+from storage.files import FileStore, StorageFullError
 from storage.tables import AssetKind
 
 __all__ = [
+    "DISK_FULL",
     "OUT_OF_MEMORY",
     "UNEXPECTED",
     "BatchExecutor",
@@ -45,11 +48,13 @@ __all__ = [
     "ProgressSink",
     "WorkItem",
     "is_out_of_memory",
+    "unexpected",
 ]
 
 log = logging.getLogger(__name__)
 
 UNEXPECTED = "Something broke on our side while generating; the error was logged."
+DISK_FULL = "The server ran out of disk space while saving your images; an admin needs to free some space."
 OUT_OF_MEMORY = (
     "The GPU ran out of memory for this job; try a smaller size or fewer images, or turn hires fix down."
 )
@@ -100,6 +105,11 @@ class Outcome:
     reason: str = ""
     error: BaseException | None = None
     seconds: float = 0.0
+
+
+def unexpected(ref: str) -> str:
+    """The sentence for a crash, with the reference id its traceback is logged under."""
+    return f"Something broke on our side while generating (ref {ref}); the error was logged."
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -182,8 +192,9 @@ class BatchExecutor:
             else:
                 outcomes = self._shared(items)
         except Exception as exc:  # a bug outside any one job's run: fail them all, keep serving
-            log.exception("batch %s failed", [i.job_id for i in items])
-            outcomes = [Outcome(i.job_id, "failed", reason=UNEXPECTED, error=exc) for i in items]
+            ref = secrets.token_hex(3)
+            log.exception("batch %s failed (ref %s)", [i.job_id for i in items], ref)
+            outcomes = [Outcome(i.job_id, "failed", reason=unexpected(ref), error=exc) for i in items]
         seconds = time.perf_counter() - started
         return [replace(o, seconds=seconds) for o in outcomes]
 
@@ -199,9 +210,7 @@ class BatchExecutor:
                 log.warning("job %d ran out of memory; retrying image by image", item.job_id)
                 return self._image_by_image(item, control)
             return self._failure(item, exc)
-        images = self._store(item.spec, ctx.loaded_model, output.images, output.parameters)
-        previews = [self._store_preview(label, image) for label, image in output.previews]
-        return Outcome(item.job_id, "done", images, previews)
+        return self._done(item, ctx.loaded_model, output.images, output.parameters, output.previews)
 
     def _image_by_image(self, item: WorkItem, control: _Control) -> Outcome:
         """Rerun a several-image job one image at a time (each image keeps its seed, so its pixels)."""
@@ -214,8 +223,7 @@ class BatchExecutor:
                 return self._failure(item, exc)
             images.extend(output.images)
         assert ctx is not None and output is not None
-        stored = self._store(item.spec, ctx.loaded_model, images, output.parameters)
-        return Outcome(item.job_id, "done", stored)
+        return self._done(item, ctx.loaded_model, images, output.parameters)
 
     def _generate(self, spec: JobSpec, control: _Control) -> tuple[RunContext, RunOutput]:
         """Run the job's mode with the control's checks, progress and previews."""
@@ -239,10 +247,13 @@ class BatchExecutor:
             _free_memory()
             log.warning("job %d ran out of memory", item.job_id)
             return Outcome(item.job_id, "failed", reason=OUT_OF_MEMORY, error=GenerationError(OUT_OF_MEMORY))
+        if isinstance(exc, StorageFullError):
+            return Outcome(item.job_id, "failed", reason=DISK_FULL, error=GenerationError(DISK_FULL))
         if isinstance(exc, BotError):
             return Outcome(item.job_id, "failed", reason=str(exc), error=exc)
-        log.exception("job %d failed", item.job_id)
-        return Outcome(item.job_id, "failed", reason=UNEXPECTED, error=exc)
+        ref = secrets.token_hex(3)
+        log.exception("job %d failed (ref %s)", item.job_id, ref)
+        return Outcome(item.job_id, "failed", reason=unexpected(ref), error=exc)
 
     # --- jobs sharing one call -------------------------------------------------------------------
 
@@ -284,11 +295,35 @@ class BatchExecutor:
             elif images is None:
                 raise RuntimeError(f"the batch runner dropped job {item.job_id}, which was not stopped")
             else:
-                stored = self._store(item.spec, ctx.loaded_model, images, {})
-                outcomes.append(Outcome(item.job_id, "done", stored))
+                outcomes.append(self._done(item, ctx.loaded_model, images, {}))
         return outcomes
 
     # --- storing ---------------------------------------------------------------------------------
+
+    def _done(
+        self,
+        item: WorkItem,
+        model: LoadedModel | None,
+        images: Sequence[Image.Image],
+        extra: dict[str, object],
+        previews: Sequence[tuple[str, Image.Image]] = (),
+    ) -> Outcome:
+        """Store a job's PNGs (and previews): all of them, or — on a full disk, say — none.
+
+        Files this job wrote are removed again when a later one fails (bytes that were stored before
+        stay: they belong to other jobs too).
+        """
+        created: list[str] = []
+        try:
+            stored = self._store(item.spec, model, images, extra, created)
+            kept = [self._store_preview(label, image, created) for label, image in previews]
+        except Exception as exc:
+            for sha256 in created:
+                self.files.delete(sha256)
+            if isinstance(exc, StorageFullError):
+                log.error("job %d: the disk is full, its %d image(s) were not kept", item.job_id, len(images))
+            return self._failure(item, exc)
+        return Outcome(item.job_id, "done", stored, kept)
 
     def _store(
         self,
@@ -296,6 +331,7 @@ class BatchExecutor:
         model: LoadedModel | None,
         images: Sequence[Image.Image],
         extra: dict[str, object],
+        created: list[str],
     ) -> list[GeneratedImage]:
         model_name = model.entry.name if model else None
         model_hash = self.registry.model_hash(model.entry) if model else None
@@ -303,13 +339,17 @@ class BatchExecutor:
         for index, (image, seed) in enumerate(zip(images, spec.seeds(), strict=True)):
             parameters = webui_parameters(spec, seed, model_name, model_hash, extra)
             saved = self.files.put_bytes(png_bytes(image, parameters))
+            if saved.created:
+                created.append(saved.sha256)
             stored.append(
                 GeneratedImage(index, seed, image.width, image.height, saved.sha256, saved.path, parameters)
             )
         return stored
 
-    def _store_preview(self, label: str, image: Image.Image) -> StoredPreview:
+    def _store_preview(self, label: str, image: Image.Image, created: list[str]) -> StoredPreview:
         saved = self.files.put_bytes(png_bytes(image, ""))
+        if saved.created:
+            created.append(saved.sha256)
         return StoredPreview(label, saved.sha256, saved.path)
 
     def _adapter_hook(self, spec: JobSpec) -> AdapterHook | None:

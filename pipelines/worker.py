@@ -4,7 +4,9 @@ The event loop never computes: a batch runs on a dedicated thread (one per devic
 :class:`~pipelines.execution.BatchExecutor`, while the loop keeps serving Discord. The loop marks the
 jobs running (overlapping the computation's start), and when the thread returns writes each job's one
 final state — ``done`` (its PNGs are already in the file store), ``failed`` with a sentence, or
-``cancelled`` — then publishes the outcome.
+``cancelled`` — then publishes the outcome. While another writer holds the database's lock, these
+writes are retried with a back-off: a finished job's result until the database takes it (it is never
+lost), and the marks "running" the same way, so that a result always finds its row running.
 
 A watchdog notices a run that stopped making progress (no step for ``stuck_after_s``): it fails the
 jobs with a sentence (their users are not left waiting), flags them so the thread drops them at its
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -30,17 +33,18 @@ import torch
 
 from models.cache import LoadedModel
 from pipelines.events import Cancelled, EventHub, Failed, Finished, JobResult, Progress, Started
-from pipelines.execution import BatchExecutor, Outcome, WorkItem
+from pipelines.execution import BatchExecutor, Outcome, WorkItem, unexpected
 from pipelines.modes import StepHook
 from pipelines.queue import JobQueue, Taken
 from storage import jobs as job_rows
-from storage.db import Database
+from storage.db import Database, DatabaseBusyError, retry_locked
 
 __all__ = ["STUCK", "Worker", "WorkerOptions"]
 
 log = logging.getLogger(__name__)
 
 STUCK = "The worker stopped making progress on this job, so it was given up; try again, perhaps smaller."
+STOP_WAIT_S = 5.0  # a stopping worker retries requeueing its jobs this long (a restart recovers them anyway)
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,14 @@ class Worker:
                 await asyncio.shield(self._interrupted(batch))
                 raise
             except Exception:  # the loop must survive anything one batch does
-                log.exception("worker: batch %s failed outside its jobs", [t.entry.job_id for t in batch])
-                await self._write([Outcome(t.entry.job_id, "failed", reason=STUCK) for t in batch], batch)
+                ref = secrets.token_hex(3)
+                ids = [t.entry.job_id for t in batch]
+                log.exception("worker: batch %s failed outside its jobs (ref %s)", ids, ref)
+                self._running = []
+                try:
+                    await self._write([Outcome(i, "failed", reason=unexpected(ref)) for i in ids], batch)
+                except Exception:
+                    log.exception("worker: could not fail the jobs %s", ids)
 
     async def _run(self, batch: list[Taken]) -> None:
         self._running = batch
@@ -207,25 +217,32 @@ class Worker:
         work: asyncio.Future[object] = asyncio.get_running_loop().run_in_executor(
             self._thread, self.executor.run, items
         )
-        await self._mark_running(batch)  # overlaps the computation instead of delaying it
+        marking = asyncio.ensure_future(self._mark_running(batch))  # overlaps the computation
         given_up: asyncio.Future[object] = asyncio.ensure_future(self._given_up.wait())
-        done, _ = await asyncio.wait({work, given_up}, return_when=asyncio.FIRST_COMPLETED)
-        given_up.cancel()
+        try:
+            done, _ = await asyncio.wait({work, given_up}, return_when=asyncio.FIRST_COMPLETED)
+            self._running = []  # off the thread: the watchdog has nothing to watch while the rows are written
+            await marking  # the result needs its row running
+        finally:
+            given_up.cancel()
+            marking.cancel()
         if work not in done:  # the watchdog failed these jobs; the thread's late result is dropped
-            self._running = []
             return
         outcomes = cast(list[Outcome], work.result())
         self.queue.rate.observe([t.spec for t in batch], max(o.seconds for o in outcomes))
         await self._write(outcomes, batch)
-        self._running = []
 
     async def _mark_running(self, batch: list[Taken]) -> None:
-        async with self.db.sessions.begin() as session:
-            for t in batch:
-                try:
-                    await job_rows.mark_running(session, t.entry.job_id)
-                except ValueError:  # cancelled between being taken and now: the thread drops it
-                    t.cancel.set()
+        async def write() -> None:
+            async with self.db.sessions.begin() as session:
+                for t in batch:
+                    try:
+                        await job_rows.mark_running(session, t.entry.job_id)
+                    except ValueError:  # cancelled between being taken and now: the thread drops it
+                        t.cancel.set()
+
+        ids = [t.entry.job_id for t in batch]
+        await retry_locked(write, give_up_after_s=None, what=f"marking jobs {ids} running")
 
     async def _write(self, outcomes: list[Outcome], batch: list[Taken]) -> None:
         """Each job's one final state, in the batch's (fair) order, then its event."""
@@ -244,23 +261,21 @@ class Worker:
         if taken.cancel.is_set() or outcome.status == "cancelled":
             return None  # cancel() wrote the state and told the subscribers
         if outcome.status == "interrupted":
-            async with self.db.sessions.begin() as session:
-                await job_rows.requeue(session, [job_id])
+            await self._requeue([job_id])
             return None
-        try:
+
+        images = outcome.images
+
+        async def write() -> None:
             async with self.db.sessions.begin() as session:
                 if outcome.status == "done":
-                    await job_rows.mark_done(
-                        session,
-                        job_id,
-                        [
-                            job_rows.NewImage(i.index, i.seed, i.sha256, i.width, i.height)
-                            for i in outcome.images
-                        ],
-                        outcome.seconds,
-                    )
+                    rows = [job_rows.NewImage(i.index, i.seed, i.sha256, i.width, i.height) for i in images]
+                    await job_rows.mark_done(session, job_id, rows, outcome.seconds)
                 else:
                     await job_rows.mark_failed(session, job_id, outcome.reason)
+
+        try:  # never given up: the images are stored, and the user waits for them
+            await retry_locked(write, give_up_after_s=None, what=f"job {job_id}'s result")
         except ValueError:  # cancelled while its last step ran: cancel() already answered
             log.info("job %d finished after it was cancelled; its outputs are not kept", job_id)
             return None
@@ -273,11 +288,22 @@ class Worker:
         """A clean stop caught a batch mid-run: back to the queue, the attempt not counted."""
         ids = [t.entry.job_id for t in batch if not t.cancel.is_set()]
         if ids:
-            async with self.db.sessions.begin() as session:
-                await job_rows.requeue(session, ids)
+            await self._requeue(ids)
             log.info("worker stopping: requeued %s", ids)
         self.queue.requeue_taken(batch)
         self._running = []
+
+    async def _requeue(self, ids: list[int]) -> None:
+        """Running jobs back to queued (bounded: if the database stays locked, the next start does it)."""
+
+        async def write() -> None:
+            async with self.db.sessions.begin() as session:
+                await job_rows.requeue(session, ids)
+
+        try:
+            await retry_locked(write, give_up_after_s=STOP_WAIT_S, what=f"requeueing jobs {ids}")
+        except DatabaseBusyError:
+            log.warning("jobs %s stay marked running; the next start requeues them", ids)
 
     # --- the watchdog ----------------------------------------------------------------------------
 

@@ -16,22 +16,34 @@ meanwhile (a batch migration's table rebuild would otherwise cascade deletes)::
         async with db.sessions.begin() as session:
             ...
 
+Another process (a CLI command, an admin's ``sqlite3`` shell, a backup) may hold SQLite's write lock
+for a while. Each connection waits up to :data:`BUSY_TIMEOUT_MS` for it; past that, SQLite answers
+"database is locked", and :func:`retry_locked` runs the whole transaction again after a back-off:
+for a bounded time on request paths (then :class:`DatabaseBusyError`, one sentence for the user,
+nothing stored), or until it works for writes that must never be lost (a finished job's result)::
+
+    await retry_locked(write_result, give_up_after_s=None, what="job 7's result")
+
 To write a new migration: ``command.revision(alembic_config(url), autogenerate=True, message=...)``
 against a database at head (``from alembic import command``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import URL, Connection, event, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -40,12 +52,86 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-__all__ = ["BUSY_TIMEOUT_MS", "MIGRATIONS_DIR", "Database", "alembic_config", "sqlite_url"]
+from storage.errors import BotError
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "DATABASE_BUSY",
+    "MIGRATIONS_DIR",
+    "Database",
+    "DatabaseBusyError",
+    "alembic_config",
+    "is_locked",
+    "retry_locked",
+    "sqlite_url",
+]
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 15_000
+DATABASE_BUSY = "The bot's database is busy right now, so nothing was saved; try again in a minute."
+
+T = TypeVar("T")
+
+
+class DatabaseBusyError(BotError):
+    """Another writer kept the database locked for longer than a request may wait."""
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (SQLITE_BUSY or SQLITE_LOCKED), wrapped or not."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not isinstance(cause, sqlite3.OperationalError):
+        return False
+    name = getattr(cause, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "is locked" in str(cause)
+
+
+async def retry_locked(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    give_up_after_s: float | None,
+    what: str = "a write",
+    first_delay_s: float = 0.05,
+    max_delay_s: float = 2.0,
+) -> T:
+    """Run ``operation`` (one whole transaction), again after a back-off while the database is locked.
+
+    Each try already waits up to the busy timeout for the lock; the back-off doubles from
+    ``first_delay_s`` up to ``max_delay_s``. Other errors pass through at once.
+
+    Args:
+        operation: Opens, writes and commits its own transaction (a failed try rolled back fully).
+        give_up_after_s: None: try until it works (writes that must not be lost). A number: raise
+            :class:`DatabaseBusyError` once this many seconds have passed (request paths; the bound
+            is this plus one busy timeout).
+        what: What is written, for the log.
+    """
+    started = time.monotonic()
+    delay = first_delay_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await operation()
+        except Exception as exc:
+            if not is_locked(exc):
+                raise
+            waited = time.monotonic() - started
+            if give_up_after_s is not None and waited >= give_up_after_s:
+                log.warning("database locked: gave up %s after %d tries (%.1f s)", what, attempt, waited)
+                raise DatabaseBusyError(DATABASE_BUSY) from exc
+            log.warning(
+                "database locked by another writer: %s failed (try %d, %.1f s); retrying in %.2f s",
+                what,
+                attempt,
+                waited,
+                delay,
+            )
+        pause = delay if give_up_after_s is None else min(delay, max(give_up_after_s - waited, 0.0))
+        await asyncio.sleep(pause)
+        delay = min(delay * 2, max_delay_s)
 
 
 def sqlite_url(path: Path) -> str:
@@ -81,12 +167,12 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
-def _sqlite_on_connect(wal: bool) -> Callable[[Any, Any], None]:
+def _sqlite_on_connect(wal: bool, busy_timeout_ms: int) -> Callable[[Any, Any], None]:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS:d}")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms):d}")
             if wal:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 # In WAL mode NORMAL never corrupts and survives any process crash (SIGKILL included);
@@ -110,12 +196,22 @@ class Database:
         url: A SQLAlchemy async URL, e.g. from :func:`sqlite_url`.
         migrate: Whether :meth:`open` upgrades the schema to head (tests may turn this off).
         echo: Log every SQL statement.
+        busy_timeout_ms: How long a SQLite connection waits for another writer's lock (set before
+            :meth:`open`).
     """
 
-    def __init__(self, url: str | URL, *, migrate: bool = True, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        migrate: bool = True,
+        echo: bool = False,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    ) -> None:
         self.url = make_url(url)
         self.migrate = migrate
         self.echo = echo
+        self.busy_timeout_ms = busy_timeout_ms
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
 
@@ -145,7 +241,8 @@ class Database:
             sqlite_file.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(self.url, echo=self.echo)
         if self.url.get_backend_name() == "sqlite":
-            event.listen(engine.sync_engine, "connect", _sqlite_on_connect(wal=sqlite_file is not None))
+            on_connect = _sqlite_on_connect(sqlite_file is not None, self.busy_timeout_ms)
+            event.listen(engine.sync_engine, "connect", on_connect)
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         log.info("opened database %s", self.url.render_as_string(hide_password=True))

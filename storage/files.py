@@ -7,7 +7,8 @@ fsynced, then ``os.replace``-d into place and the folder is fsynced. A reader th
 complete file or none, a failed write leaves nothing behind, and any number of threads and
 processes may write the same or different content at once. (The temp file cannot sit in the final
 folder because :meth:`FileStore.put_file` streams: the hash, hence the folder, is known only at
-the end.)
+the end.) A full disk (or quota) is :class:`StorageFullError`, a sentence for the user, and leaves
+nothing behind either.
 
 The methods block; call them through ``asyncio.to_thread`` from async code. Deleting is the
 caller's business (see :func:`storage.users.delete_user_data`): a file deleted while another
@@ -16,6 +17,7 @@ writer stores the same bytes is gone for both.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -23,13 +25,13 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.errors import InvalidRequestError
+from storage.errors import BotError, InvalidRequestError
 
-__all__ = ["CHUNK_SIZE", "FileStore", "StoredFile"]
+__all__ = ["CHUNK_SIZE", "STORAGE_FULL", "FileStore", "StorageFullError", "StoredFile"]
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,22 @@ CHUNK_SIZE = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 _TMP_DIR = ".tmp"
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+STORAGE_FULL = "The server ran out of disk space while saving your file; an admin needs to free some space."
+
+
+class StorageFullError(BotError, OSError):
+    """The disk (or the quota on it) is full; nothing was stored. Also an ``OSError``, as it was before."""
 
 
 @dataclass(frozen=True, slots=True)
 class StoredFile:
-    """A file in the store."""
+    """A file in the store; ``created``: this call wrote it (the bytes were not stored before)."""
 
     sha256: str
     size: int
     path: Path
+    created: bool = field(default=False, compare=False)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -175,35 +184,45 @@ class FileStore:
 
     def _write(self, chunks: Iterable[bytes], *, max_bytes: int | None) -> StoredFile:
         """Write ``chunks`` to a temp file, then move it into place under its hash."""
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.temp_dir, prefix="put-", suffix=".part")
-        tmp = Path(tmp_name)
+        tmp: Path | None = None
         try:
-            digest = hashlib.sha256()
-            size = 0
+            self.temp_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self.temp_dir, prefix="put-", suffix=".part")
+            tmp = Path(tmp_name)
             with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), 0o644)
-                for chunk in chunks:
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise InvalidRequestError(
-                            f"The file is larger than the {_human_size(max_bytes)} limit; "
-                            "please use a smaller one."
-                        )
-                    digest.update(chunk)
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            sha256 = digest.hexdigest()
+                sha256, size = self._fill(fh, chunks, max_bytes)
             final = self.path_for(sha256)
-            if self._is_complete(final, size):
-                tmp.unlink()  # the same bytes are stored already
-            else:
+            created = not self._is_complete(final, size)
+            if created:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)
                 _fsync_dir(final.parent)
                 log.debug("stored %s (%d bytes)", sha256, size)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            else:
+                tmp.unlink()  # the same bytes are stored already
+        except BaseException as exc:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                log.error("the file store at %s is out of space: %s", self.root, exc.strerror)
+                raise StorageFullError(STORAGE_FULL) from exc
             raise
-        return StoredFile(sha256, size, final)
+        return StoredFile(sha256, size, final, created)
+
+    @staticmethod
+    def _fill(fh: BinaryIO, chunks: Iterable[bytes], max_bytes: int | None) -> tuple[str, int]:
+        """Write every chunk to ``fh``, flush and fsync it; returns the sha256 and size."""
+        os.fchmod(fh.fileno(), 0o644)
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise InvalidRequestError(
+                    f"The file is larger than the {_human_size(max_bytes)} limit; please use a smaller one."
+                )
+            digest.update(chunk)
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return digest.hexdigest(), size
