@@ -5,7 +5,9 @@ index. :meth:`JobQueue.submit` checks the limits, writes the job (status ``queue
 and only then indexes it and answers with its id and position. :meth:`JobQueue.recover` (at start) puts
 jobs a crash left ``running`` back in the queue — or fails them after ``max_attempts`` tries — and loads
 every queued job. The worker takes batches with :meth:`JobQueue.take`. One process runs the worker for
-a database; other processes (the CLI) may submit and wait on their own queue.
+a database; other processes (the CLI) may submit and wait on their own queue. While another writer
+holds the database's lock, a submit or cancel retries for ``QueueLimits.busy_wait_s`` and then refuses
+with a sentence (storing nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pipelines.events import Cancelled, EventHub, Queued
 from pipelines.jobs import JobKind, JobSpec
 from pipelines.scheduling import BatchBudget, Entry, FairScheduler
 from storage import jobs as job_rows
-from storage.db import Database
+from storage.db import Database, retry_locked
 from storage.errors import NotFoundError, QueueFullError, QuotaExceededError
 from storage.tables import JobStatus
 
@@ -53,6 +55,7 @@ class QueueLimits:
     per_guild: int = 100
     total: int = 1000  # queued jobs in all
     max_attempts: int = 3  # starts before a job interrupted by crashes is given up
+    busy_wait_s: float = 10.0  # a submit or cancel retries this long while another writer locks the database
     batch: BatchBudget = field(default_factory=BatchBudget)
 
 
@@ -148,10 +151,14 @@ class JobQueue:
             The ids requeued and the ids given up.
         """
         reason = INTERRUPTED_TOO_OFTEN.format(n=self.limits.max_attempts)
-        async with self.db.sessions.begin() as session:
-            requeued, failed = await job_rows.recover_interrupted(
-                session, max_attempts=self.limits.max_attempts, reason=reason
-            )
+
+        async def write() -> tuple[list[int], list[int]]:
+            async with self.db.sessions.begin() as session:
+                return await job_rows.recover_interrupted(
+                    session, max_attempts=self.limits.max_attempts, reason=reason
+                )
+
+        requeued, failed = await retry_locked(write, give_up_after_s=self.limits.busy_wait_s, what="recovery")
         loaded = await self.sync()
         log.info(
             "queue recovered: %d queued job(s) (%d interrupted ones requeued, %d given up)",
@@ -167,11 +174,18 @@ class JobQueue:
         Returns:
             How many queued jobs were new to this queue.
         """
+        # Under the submit lock: a job this process is storing must not be indexed twice (here and by submit).
+        async with self._lock:
+            return await self._sync_locked()
+
+    async def _sync_locked(self) -> int:
         async with self.db.sessions() as session:
             queued = await job_rows.list_queued(session, exclude=self._seen)
             cancelled = await job_rows.ids_with_status(session, list(self._running), JobStatus.CANCELLED)
         for job_id in cancelled:
-            self._running[job_id].cancel.set()
+            if job_id in self._running:
+                self._running[job_id].cancel.set()
+        queued = [job for job in queued if job.id not in self._seen]
         for job in queued:
             try:
                 spec = JobSpec.from_dict(job.spec)
@@ -201,20 +215,25 @@ class JobQueue:
         """Store a complete, checked spec as a queued job; refuse politely past the limits."""
         async with self._lock:
             self._check_limits(spec)
-            async with self.db.sessions.begin() as session:
-                job = await job_rows.create_job(
-                    session,
-                    kind=str(spec.kind),
-                    spec=spec.to_dict(),
-                    user_id=spec.user_id,
-                    guild_id=spec.guild_id,
-                    channel_id=spec.channel_id,
-                )
-                job_id = job.id
+            job_id = await retry_locked(
+                lambda: self._store_job(spec), give_up_after_s=self.limits.busy_wait_s, what="a submit"
+            )
             self._index(job_id, spec)
         self._wakeup.set()
         position = self.scheduler.position(job_id) or 1
         return Submitted(job_id, position, self._eta(job_id))
+
+    async def _store_job(self, spec: JobSpec) -> int:
+        async with self.db.sessions.begin() as session:
+            job = await job_rows.create_job(
+                session,
+                kind=str(spec.kind),
+                spec=spec.to_dict(),
+                user_id=spec.user_id,
+                guild_id=spec.guild_id,
+                channel_id=spec.channel_id,
+            )
+            return job.id
 
     def _check_limits(self, spec: JobSpec) -> None:
         limits = self.limits
@@ -272,21 +291,26 @@ class JobQueue:
             raise NotFoundError(f"There is no job {job_id} that you can cancel.")
         if job.status.finished:
             return False
-        taken = self._running.get(job_id)
+        try:  # the row first: a database locked too long refuses the cancel and changes nothing
+            await retry_locked(
+                lambda: self._mark_cancelled(job_id), give_up_after_s=self.limits.busy_wait_s, what="a cancel"
+            )
+        except ValueError:  # it finished meanwhile
+            return False
+        taken = self._running.get(job_id)  # no await since the commit: the worker has not seen it yet
         if taken is not None:
             taken.cancelled_by = by_user
             taken.cancel.set()  # the worker stops it within a step
         else:
             self.scheduler.remove(job_id)
             self._specs.pop(job_id, None)
-        async with self.db.sessions.begin() as session:
-            try:
-                await job_rows.mark_cancelled(session, job_id)
-            except ValueError:  # it finished meanwhile
-                return False
         self.hub.publish(Cancelled(job_id, by_user))
         self._announce_positions()
         return True
+
+    async def _mark_cancelled(self, job_id: int) -> None:
+        async with self.db.sessions.begin() as session:
+            await job_rows.mark_cancelled(session, job_id)
 
     # --- inspecting ------------------------------------------------------------------------------
 

@@ -363,3 +363,24 @@ async def test_the_event_loop_stays_responsive_while_the_worker_generates(make_e
     await task
     # the loop kept ticking through the whole job: far more ticks than a blocked loop could make
     assert len(lags) >= elapsed / 0.1, (len(lags), elapsed)
+
+
+async def test_sync_racing_submits_indexes_each_job_once(make_engine: Any) -> None:
+    """The worker's poll for other processes' jobs runs beside submits: no job is indexed twice, no error."""
+    engine = await make_engine(start_worker=False, queue_per_user=100, queue_per_guild=1000)
+    stop = asyncio.Event()
+
+    async def poll() -> int:
+        found = 0
+        while not stop.is_set():
+            found += await engine.queue.sync()
+            await asyncio.sleep(0)
+        return found
+
+    poller = asyncio.create_task(poll())
+    submitted = await asyncio.gather(*(engine.submit(_spec(user % 7, user)) for user in range(60)))
+    stop.set()
+    assert await poller == 0  # every job was this process's own: none may be "found" by the poll
+    ids = [entry.job_id for entry, _ in submitted]
+    assert len(set(ids)) == 60
+    assert sorted(job.job_id for job in engine.queue.scheduler.order()) == sorted(ids)
