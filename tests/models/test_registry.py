@@ -108,3 +108,19 @@ def test_single_file_in_a1111_root_loads_through_the_cache(tmp_path: Path, tiny_
     loaded = cache.get("civitai-style")
     for name, tensor in pipe.unet.state_dict().items():
         assert torch.equal(loaded.base.unet.state_dict()[name], tensor), name
+
+
+def test_cache_freezes_the_heap_after_a_load_and_thaws_it_when_models_go(tiny_models: Path) -> None:
+    """Loaded weights are kept out of full garbage collections (they stall the bot's loop) until dropped."""
+    import gc
+
+    gc.unfreeze()
+    registry = ModelRegistry(builtin_dir=tiny_models)
+    cache = PipelineCache(registry, device=torch.device("cpu"), dtype=torch.float32, budget_bytes=1)
+    cache.get("tiny-sd15")
+    assert gc.get_freeze_count() > 0
+    cache.get("tiny-sdxl")  # over the budget: tiny-sd15 is evicted (unfrozen), then the heap refrozen
+    assert cache.loaded_names() == ["tiny-sdxl"]
+    assert gc.get_freeze_count() > 0
+    cache.clear()
+    assert gc.get_freeze_count() == 0
