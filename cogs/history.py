@@ -10,6 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.admin import guild_policy
 from cogs.common import answer, read_image_attachment
 from cogs.job_buttons import result_view
 from pipelines.followups import spec_from_parameters
@@ -137,7 +138,8 @@ class History(commands.Cog):
         async with self.engine.db.sessions() as session:
             row = await job_rows.get_job(session, job)
             images = await job_rows.list_images(session, job)
-        # Your own jobs anywhere; others' only in the server they were made in (never across DMs).
+        # Your own jobs anywhere; others' only in the server they were made in (never across DMs); either
+        # under this channel's NSFW rule, as a new job would be.
         visible = row is not None and (
             row.user_id == interaction.user.id
             or (row.guild_id is not None and row.guild_id == interaction.guild_id)
@@ -149,16 +151,33 @@ class History(commands.Cog):
                 interaction, f"Job {job} is {row.status.value}" + (f": {row.error}" if row.error else ".")
             )
             return
+        spoiler = await self._nsfw_rule(interaction, JobSpec.from_dict(row.spec))
         files = [
             discord.File(
                 io.BytesIO(self.engine.files.read_bytes(image.sha256)),
                 filename=f"dreamcord-{job}-{image.index + 1}.png",
+                spoiler=spoiler,
             )
             for image in images
         ]
         embed = discord.Embed(description=str(row.spec.get("prompt", ""))[:4000])
         embed.set_footer(text=f"job {job}")
         await interaction.response.send_message(embed=embed, files=files, view=result_view(job, len(images)))
+
+    async def _nsfw_rule(self, interaction: discord.Interaction, spec: JobSpec) -> bool:
+        """Whether a job shown here goes behind spoilers, under this channel's rules as a new job would
+        (a job made in an age-restricted channel is refused elsewhere where the server blocks NSFW)."""
+        channel = interaction.channel
+        if channel is not None and getattr(channel, "is_nsfw", lambda: False)():
+            return False
+        policy = await guild_policy(self.engine, interaction.guild_id, interaction.channel_id)
+        if not policy.is_nsfw(spec):
+            return False
+        if policy.nsfw == "block":
+            raise InvalidRequestError(
+                "That job is for age-restricted channels only on this server; use one of those."
+            )
+        return True
 
     @app_commands.command(name="pnginfo")
     async def pnginfo(self, interaction: discord.Interaction, image: discord.Attachment) -> None:

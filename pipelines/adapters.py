@@ -150,10 +150,11 @@ async def resolve_adapters(
             refs.append(_ref(asset, net.weight, net.te_weight, net.unet_weight))
         else:
             refs.append(_ref(asset, net.weight))
-    refs.extend(await _embeddings(session, spec, target))
+    no_diffusion = spec.kind == JobKind.upscale or (spec.kind == JobKind.erase and not spec.erase_denoise)
+    if not no_diffusion:  # without a diffusion model an embedding's name is just a word of the prompt
+        refs.extend(await _embeddings(session, spec, target))
     if spec.vae:
         refs.append(_ref(await _require(session, spec, AssetKind.VAE, spec.vae, target)))
-    no_diffusion = spec.kind == JobKind.upscale or (spec.kind == JobKind.erase and not spec.erase_denoise)
     if refs and no_diffusion:
         raise InvalidRequestError(
             f"LoRAs, embeddings, hypernetworks and VAEs do not apply to {spec.kind}; remove them."

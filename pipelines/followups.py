@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any, TypedDict, Unpack
 
 from pipelines.jobs import JobKind, JobSpec
+from pipelines.prompts import extract_networks
 from storage.errors import InvalidRequestError
 
 __all__ = [
@@ -78,8 +79,31 @@ def variation_spec(spec: JobSpec, strength_name: str, **who: Unpack[Who]) -> Job
 def upscale_spec(
     spec: JobSpec, *, scale: float = 2.0, upscaler: str | None = None, **who: Unpack[Who]
 ) -> JobSpec:
-    """One result image (the init input) enlarged by the default (or a named) upscaler."""
-    return _from_image(spec, JobKind.upscale, scale=scale, upscaler=upscaler, **dict(who))
+    """One result image (the init input) enlarged by the default (or a named) upscaler.
+
+    The prompts stay (the x4 upscaler reads them) without their ``<lora:…>``/``<hypernet:…>`` tags, and
+    the VAE goes: an upscale applies no adapters, so a job that used some can still be upscaled.
+    """
+    return _from_image(
+        spec,
+        JobKind.upscale,
+        scale=scale,
+        upscaler=upscaler,
+        prompt=_without_networks(spec.prompt),
+        negative_prompt=_without_networks(spec.negative_prompt),
+        vae=None,
+        **dict(who),
+    )
+
+
+def _without_networks(text: str) -> str:
+    """``text`` without extra-network tags, spaces tidied (a tag the parser refuses stays: it is refused
+    with its own sentence when the job is checked)."""
+    try:
+        stripped = extract_networks(text)[0]
+    except InvalidRequestError:
+        return text
+    return " ".join(stripped.split())
 
 
 def remix_spec(spec: JobSpec, changes: dict[str, str], **who: Unpack[Who]) -> JobSpec:

@@ -1,5 +1,8 @@
 """Settings, from environment variables (``DREAMCORD_*``) and an optional TOML file.
 
+Secrets (the Discord token, a database URL that may hold a password, import tokens) are ``SecretStr``:
+``repr``, ``str`` and dumps show ``**********``; only the code that uses one unwraps it.
+
 Precedence, highest first: keyword arguments, environment variables, the TOML file named by
 ``DREAMCORD_CONFIG`` (default ``./dreamcord.toml`` when it exists), the defaults below.
 Every default is embedded: with no settings at all the bot uses ``./data`` and the built-in tiny model.
@@ -33,8 +36,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMCORD_", extra="forbid", env_nested_delimiter="__")
 
     data_dir: Path = Field(Path("data"), description="Database, file store and built-in models live here.")
-    database_url: str | None = Field(
-        None, description="Any SQLAlchemy async URL; default: SQLite in data_dir."
+    database_url: SecretStr | None = Field(
+        None,
+        description="Any SQLAlchemy async URL; default: SQLite in data_dir. Kept secret (it may hold a "
+        "password): shown as ********** in reprs and dumps.",
     )
     models_root: Path | None = Field(
         None,
@@ -88,7 +93,12 @@ class Settings(BaseSettings):
         "default: Hugging Face and Civitai and their download CDNs.",
     )
     import_timeout_s: float = Field(300.0, gt=0, description="A URL import taking longer is stopped.")
-    discord_token: SecretStr | None = None
+    import_tokens: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="API tokens for URL imports: host -> token (e.g. civitai.com, huggingface.co), sent as "
+        "`Authorization: Bearer` to exactly that host, never to a host it redirects to.",
+    )
+    discord_token: SecretStr | None = Field(None, description="The bot's token (kept secret).")
     log_level: str = "INFO"
 
     @classmethod
@@ -108,8 +118,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        if self.database_url:
-            return self.database_url
+        if self.database_url is not None and self.database_url.get_secret_value():
+            return self.database_url.get_secret_value()
         return f"sqlite+aiosqlite:///{(self.data_dir / 'dreamcord.db').resolve()}"
 
     @property

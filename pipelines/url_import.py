@@ -34,6 +34,7 @@ from typing import Final
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from pydantic import SecretStr
 from yarl import URL
 
 from storage.errors import InvalidRequestError
@@ -46,6 +47,7 @@ __all__ = [
     "check_url",
     "fetch_to_file",
     "host_allowed",
+    "import_headers",
     "is_public_address",
     "system_resolver",
 ]
@@ -219,6 +221,32 @@ def check_url(
     if not host_allowed(host, allowed_hosts):
         raise InvalidRequestError(NOT_ALLOWED.format(host=host))
     return parsed.with_host(host).with_fragment(None)
+
+
+def import_headers(url: str, tokens: Mapping[str, str | SecretStr]) -> dict[str, str]:
+    """The ``Authorization`` header for a link, when the admin set a token for its exact host.
+
+    Args:
+        url: The link the user gave.
+        tokens: Host name -> API token (``Settings.import_tokens``); names match case-insensitively,
+            without subdomains (a Civitai token never goes to ``civitai.com.evil.example``).
+
+    Returns:
+        ``{"Authorization": "Bearer <token>"}``, or ``{}`` (no token for the host, or not an https link).
+        :func:`fetch_to_file` sends it to that host only, never to where it redirects.
+    """
+    try:
+        parsed = URL(str(url).strip())
+        host = (parsed.raw_host or "").lower().rstrip(".")
+    except ValueError:
+        return {}
+    if parsed.scheme.lower() != "https" or not host:
+        return {}
+    for name, token in tokens.items():
+        if name.strip().lower().rstrip(".") == host:
+            secret = token.get_secret_value() if isinstance(token, SecretStr) else token
+            return {"Authorization": f"Bearer {secret}"} if secret else {}
+    return {}
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
