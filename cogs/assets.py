@@ -24,6 +24,7 @@ from models.families import Family, family_info
 from pipelines.asset_uploads import AddedAsset, add_asset_file, name_from_filename, remove_asset_file
 from storage.assets import (
     check_asset_name,
+    check_name_free,
     list_usable_assets,
     owned_bytes,
     rename_asset,
@@ -51,6 +52,12 @@ SHARE_CHOICES = [
     app_commands.Choice(name="only me", value="private"),
     app_commands.Choice(name="this server", value="guild"),
 ]
+
+
+def _mb(n_bytes: int) -> str:
+    """Megabytes for a sentence: ``2048``, ``1.2`` (one decimal below 10 MB, none when it is ``.0``)."""
+    megabytes = n_bytes / 2**20
+    return f"{megabytes:.0f}" if megabytes >= 10 else f"{megabytes:.1f}".removesuffix(".0")
 
 
 def how_to_use(kind: AssetKind, name: str) -> str:
@@ -121,18 +128,29 @@ class AssetGroup(app_commands.Group):
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
     async def _may_upload(self, interaction: discord.Interaction, size: int = 0) -> int:
-        """Refuse what the server's rules or the user's storage quota forbid; returns the bytes left."""
+        """Refuse what the server's rules, the kind's size cap or the user's storage quota forbid (``size``:
+        the file's, as Discord states it); returns the bytes left."""
         from cogs.admin import guild_policy
 
         policy = await guild_policy(self.engine, interaction.guild_id, interaction.channel_id)
         if policy.uploads == "admins" and not interaction.permissions.manage_guild:
             raise InvalidRequestError("On this server only members with Manage Server can add files.")
+        cap = self.engine.asset_caps.get(self.kind, 1024 * 2**20)
+        if size > cap:
+            raise InvalidRequestError(
+                f"That file is {_mb(size)} MB; {self.kind.label}s may be at most {_mb(cap)} MB."
+            )
         quota = self.engine.settings.user_storage_mb * 2**20
+        if size > quota:  # deleting files would not help
+            raise InvalidRequestError(
+                f"That file is {_mb(size)} MB, larger than all of your {_mb(quota)} MB of storage; "
+                "upload a smaller file."
+            )
         async with self.engine.db.sessions() as session:
             used = await owned_bytes(session, interaction.user.id)
         if used + size > quota:
             raise InvalidRequestError(
-                f"Your files already take {used / 2**20:.0f} MB of your {quota // 2**20} MB; "
+                f"Your files already take {_mb(used)} MB of your {_mb(quota)} MB; "
                 f"delete some (`/{self.name} delete`) to make room."
             )
         return quota - used
@@ -147,14 +165,11 @@ class AssetGroup(app_commands.Group):
             file: The file.
             name: The name to use in prompts (default: the file's name).
         """
+        # What the attachment's size and the name alone tell is refused before anything is downloaded.
         await self._may_upload(interaction, file.size)
-        cap = self.engine.asset_caps.get(self.kind, 1024 * 2**20)
-        if file.size > cap:  # refused before anything is downloaded
-            raise InvalidRequestError(
-                f"That file is {file.size / 2**20:.0f} MB; "
-                f"{self.kind.label}s may be at most {cap // 2**20} MB."
-            )
-        name = check_asset_name(name or name_from_filename(file.filename))  # a bad name: no download
+        name = check_asset_name(name or name_from_filename(file.filename))
+        async with self.engine.db.sessions() as session:
+            await check_name_free(session, owner_id=interaction.user.id, kind=self.kind, name=name)
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             data = await file.read()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from models.adapters.inspect import CheckedAsset, check_asset
 from pipelines.engine import Engine
-from storage.assets import NewAsset, add_asset, check_asset_name, remove_asset
+from storage.assets import NewAsset, add_asset, check_asset_name, check_name_free, remove_asset
 from storage.tables import Asset, AssetKind, Visibility
 
 __all__ = ["AddedAsset", "add_asset_file", "name_from_filename", "remove_asset_file"]
@@ -50,6 +50,11 @@ def name_from_filename(filename: str) -> str:
     return cleaned[:64].rstrip("-._") or "asset"
 
 
+async def _name_free(engine: Engine, owner_id: int, kind: AssetKind, name: str) -> None:
+    async with engine.db.sessions() as session:
+        await check_name_free(session, owner_id=owner_id, kind=kind, name=name)
+
+
 async def add_asset_file(
     engine: Engine,
     path: Path,
@@ -67,10 +72,13 @@ async def add_asset_file(
             (unreadable, too large, not an adapter, for another family, fitting none of the served models).
     """
     name = check_asset_name(name)
+    if kind is not None:  # a name in use: refused before the file is even read
+        await _name_free(engine, owner_id, kind, name)
     checked = await asyncio.to_thread(
         check_asset, path, kind=kind, targets=engine.served_targets(), caps=engine.asset_caps
     )
     kind = checked.info.kind
+    await _name_free(engine, owner_id, kind, name)  # before storing (add_asset checks again, atomically)
     was_stored = engine.files.exists(checked.sha256)
     stored = await asyncio.to_thread(engine.files.put_file, path)
     if stored.sha256 != checked.sha256:  # the file changed between the check and the copy

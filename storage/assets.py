@@ -32,6 +32,7 @@ __all__ = [
     "NewAsset",
     "add_asset",
     "check_asset_name",
+    "check_name_free",
     "find_usable_asset",
     "list_all_assets",
     "list_usable_assets",
@@ -110,17 +111,26 @@ def _preference(user_id: int | None, guild_id: int | None) -> ColumnElement[int]
     )
 
 
-async def add_asset(session: AsyncSession, new: NewAsset) -> Asset:
-    """Record an asset; refuse a name the owner already uses for that kind."""
-    name = check_asset_name(new.name)
+async def check_name_free(session: AsyncSession, *, owner_id: int, kind: AssetKind, name: str) -> str:
+    """Return the checked name (:func:`check_asset_name`), or refuse one the owner already uses for ``kind``.
+
+    Uploads call this before anything is downloaded; :func:`add_asset` checks again when it writes.
+    """
+    cleaned = check_asset_name(name)
     clash = await session.scalar(
-        select(Asset.id).where(Asset.owner_id == new.owner_id, Asset.kind == new.kind, _named(name))
+        select(Asset.id).where(Asset.owner_id == owner_id, Asset.kind == kind, _named(cleaned))
     )
     if clash is not None:
         raise InvalidRequestError(
-            f"You already have {new.kind.with_article} called {name}; "
+            f"You already have {kind.with_article} called {cleaned}; "
             "pick another name or delete the old one first."
         )
+    return cleaned
+
+
+async def add_asset(session: AsyncSession, new: NewAsset) -> Asset:
+    """Record an asset; refuse a name the owner already uses for that kind."""
+    name = await check_name_free(session, owner_id=new.owner_id, kind=new.kind, name=new.name)
     await ensure_user(session, new.owner_id)
     row = Asset(
         owner_id=new.owner_id,

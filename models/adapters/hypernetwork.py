@@ -65,10 +65,17 @@ def _flag(obj: Mapping[Any, Any], key: str, default: bool) -> bool:
     return bool(value)
 
 
+def _finite_number(value: object) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _numbers(value: object, what: str) -> tuple[float, ...]:
-    if not isinstance(value, list | tuple) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
-    ):
+    if not isinstance(value, list | tuple) or not all(_finite_number(v) for v in value):
         raise _refuse(f"its {what} is not a list of numbers")
     return tuple(float(v) for v in value)
 
@@ -99,10 +106,12 @@ class HypernetworkSpec:
             raise _refuse("its layer structure must start and end with 1")
         if not all(0 < v <= _MAX_MULTIPLIER for v in layers):
             raise _refuse("its layer structure has a size out of range")
-        activation = obj.get("activation_func") or "linear"
-        if not isinstance(activation, str):
+        activation = obj.get("activation_func")
+        if activation is None:
+            activation = "linear"
+        if not isinstance(activation, str):  # never truth-tested: it may be a tensor
             raise _refuse("its activation function is not a name")
-        activation = activation.lower()
+        activation = activation.lower() or "linear"
         if activation != "linear" and not _constructible(activation):
             raise _refuse(f"it uses the activation function {activation[:40]!r}, which is not supported")
         raw_dropout = obj.get("dropout_structure")

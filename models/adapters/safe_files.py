@@ -52,8 +52,14 @@ DTYPE_SIZES: dict[str, int] = {
     "F8_E5M2": 1,
 }
 
+#: Largest number of dimensions and size of one dimension in a tensor we read.
+_MAX_DIMS = 8
+_MAX_SIZE = 2**31 - 1
 _NATIVE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CODE_MESSAGE = "This file contains code, not just weights; upload a .safetensors file instead."
+#: A torch zip may unpack to at most this many times its size (plus the slack) before it counts as a bomb.
+_ZIP_MAX_RATIO = 4
+_ZIP_SLACK = 2**20
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,15 @@ def _parse_metadata(raw: object) -> dict[str, str]:
     return dict(raw)
 
 
+def _sane_shape(shape: list[int]) -> bool:
+    """At most 8 sizes of at most 2**31 - 1, whose non-zero product torch can stride over."""
+    return (
+        len(shape) <= _MAX_DIMS
+        and all(d <= _MAX_SIZE for d in shape)
+        and math.prod(max(d, 1) for d in shape) < 2**62
+    )
+
+
 def _parse_entry(raw: object, data_len: int) -> TensorInfo:
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
         raise _refuse("a tensor entry does not have exactly a dtype, a shape and data offsets")
@@ -105,6 +120,8 @@ def _parse_entry(raw: object, data_len: int) -> TensorInfo:
         raise _refuse("a tensor has an unsupported data type")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _refuse("a tensor shape is not a list of non-negative whole numbers")
+    if not _sane_shape(shape):  # a tensor of 0 elements passes the size check whatever its other sizes
+        raise _refuse("a tensor shape has too many or too large sizes")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise _refuse("a tensor's data offsets are not a pair of whole numbers")
     begin, end = offsets
@@ -233,9 +250,12 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_zip(path: Path, max_bytes: int) -> None:
-    """Refuse a torch zip whose members unpack to more than ``max_bytes`` (a zip bomb) before torch reads it.
+    """Refuse a torch zip that unpacks to far more than its own size or than ``max_bytes`` (a zip bomb)
+    before torch reads it.
 
-    torch writes its members uncompressed, so a real file unpacks to about its own size.
+    torch writes its members uncompressed, so a real file unpacks to about its own size; a file re-packed
+    with compression unpacks to a little more (weights hardly compress). ``max_bytes`` alone is no bound:
+    a 1 MB upload may not become a 1 GB allocation just because 1 GB files are allowed.
     """
     try:
         with zipfile.ZipFile(path) as archive:
@@ -245,7 +265,8 @@ def _check_zip(path: Path, max_bytes: int) -> None:
             "This weights file is damaged and could not be read; upload it again."
         ) from None
     unpacked = sum(m.file_size for m in members)
-    if unpacked > max_bytes or len(members) > 100_000:
+    limit = min(max_bytes, _ZIP_MAX_RATIO * path.stat().st_size + _ZIP_SLACK)
+    if unpacked > limit or len(members) > 100_000:
         log.warning("refused a zip that unpacks to %d bytes: %s", unpacked, path)
         raise InvalidRequestError(
             "This file unpacks to far more data than it holds (a zip bomb?); upload the plain weights file."
@@ -260,10 +281,10 @@ def _torch_load(path: Path, max_bytes: int) -> Any:
         # An open file, not a path: torch.load picks its loader by a path's extension, and ours is untrusted.
         with path.open("rb") as fh:
             obj: Any = torch.load(fh, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError):
+    except pickle.UnpicklingError:  # what the weights-only unpickler refuses: globals, calls, odd opcodes
         log.warning("refused pickled weights with code or unreadable content: %s", path, exc_info=True)
         raise InvalidRequestError(_CODE_MESSAGE) from None
-    except (EOFError, ValueError, OSError):
+    except Exception:  # hostile bytes trip torch's readers in many ways (IndexError, KeyError, ...)
         log.info("unreadable pickled weights: %s", path, exc_info=True)
         raise InvalidRequestError(
             "This weights file is damaged and could not be read; upload it again."
