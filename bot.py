@@ -34,7 +34,10 @@ NO_TOKEN = (
 
 
 def build_bot(engine: Engine, **options: Any) -> commands.Bot:
-    """The discord.py bot with dreamcord's cogs; commands are synced only on request, never at start."""
+    """The discord.py bot with dreamcord's cogs; commands are synced only on request, never at start.
+
+    At its first ``on_ready`` it posts the outcomes a previous (killed) process never delivered.
+    """
     import discord
     from discord.ext import commands
 
@@ -44,6 +47,7 @@ def build_bot(engine: Engine, **options: Any) -> commands.Bot:
     from cogs.generate import Generate
     from cogs.history import History
     from cogs.job_buttons import JobButton
+    from cogs.redelivery import Redelivery
 
     intents = discord.Intents.default()
 
@@ -55,6 +59,7 @@ def build_bot(engine: Engine, **options: Any) -> commands.Bot:
             await self.add_cog(Assets(self, engine))
             await self.add_cog(History(self, engine))
             await self.add_cog(Admin(self, engine))
+            await self.add_cog(Redelivery(self, engine))  # what a killed predecessor still owed
 
     return DreamcordBot(command_prefix=commands.when_mentioned, intents=intents, help_command=None, **options)
 
@@ -112,7 +117,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if settings.discord_token is None:
         print(NO_TOKEN, file=sys.stderr)
         return 2
+    from cogs.log_secrets import install_secret_filter
+
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_secret_filter(settings.discord_token.get_secret_value())
     asyncio.run(run_bot(settings))
     return 0
 

@@ -9,6 +9,8 @@ the caller owns the transaction::
 
 States: ``queued -> running -> done | failed | cancelled``; a queued job may also be failed or
 cancelled directly, and :func:`requeue_running` puts jobs a crash left running back in the queue.
+Apart from its state, a job that came from Discord (``channel_id`` set) is owed one message with its
+outcome: :func:`mark_delivered` records that it was posted, :func:`list_undelivered` finds those still owed.
 A job finishes exactly once: finishing a finished job (or completing one that never ran) raises
 ``ValueError``, a bug in the caller, not a user error. Each transition is one conditional
 ``UPDATE ... WHERE status IN (...)``, so two workers cannot both take or finish the same job.
@@ -20,6 +22,7 @@ import logging
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, case, func, select, update
@@ -35,7 +38,9 @@ __all__ = [
     "get_job",
     "list_images",
     "list_jobs",
+    "list_undelivered",
     "mark_cancelled",
+    "mark_delivered",
     "mark_done",
     "mark_failed",
     "mark_running",
@@ -329,3 +334,29 @@ async def count_jobs(
     """How many jobs :func:`list_jobs` would find without a limit."""
     stmt = select(func.count()).select_from(Job).where(*_filters(user_id, status))
     return int((await session.scalar(stmt)) or 0)
+
+
+async def mark_delivered(session: AsyncSession, job_ids: Collection[int]) -> list[int]:
+    """Record that the outcome of these jobs reached Discord (or will never be posted); returns those
+    newly marked (a job already marked keeps its first time)."""
+    if not job_ids:
+        return []
+    stmt = (
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.delivered_at.is_(None))
+        .values(delivered_at=utcnow())
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted((await session.execute(stmt)).scalars().all())
+
+
+async def list_undelivered(session: AsyncSession, *, created_before: datetime) -> list[Job]:
+    """Jobs from Discord (``channel_id`` set) created before ``created_before`` whose outcome was never
+    marked delivered, oldest first: what a restarted bot still owes its users."""
+    stmt = (
+        select(Job)
+        .where(Job.channel_id.is_not(None), Job.delivered_at.is_(None), Job.created_at < created_before)
+        .order_by(Job.id)
+    )
+    return list((await session.scalars(stmt)).all())

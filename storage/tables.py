@@ -226,6 +226,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     seconds: Mapped[float | None] = mapped_column(Float)
+    # When the bot posted the outcome (result, failure or cancel) to Discord, or gave up on doing so;
+    # None while a Discord job's outcome is still owed (the bot redelivers those after a restart).
+    delivered_at: Mapped[datetime | None] = mapped_column()
 
     images: Mapped[list[Image]] = relationship(
         back_populates="job",

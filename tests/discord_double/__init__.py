@@ -10,10 +10,13 @@ Usage (the `double` fixture in fixtures.py does the first two lines)::
                 record = await double.slash(alice, guild, None, "echo", options={"text": "hi"})
                 message = await record.final_message()
             double.assert_clean()
+
+Faults: ``double.inject_fault("PATCH", r"/webhooks/", 429, retry_after=0.2)`` (see faults.py).
 """
 
 from __future__ import annotations
 
+from .faults import Fault, is_multipart
 from .models import Channel, Guild, Role, StoredFile, StoredMessage, User
 from .records import Action, InteractionRecord
 from .server import DiscordDouble
@@ -22,10 +25,12 @@ __all__ = [
     "Action",
     "Channel",
     "DiscordDouble",
+    "Fault",
     "Guild",
     "InteractionRecord",
     "Role",
     "StoredFile",
     "StoredMessage",
     "User",
+    "is_multipart",
 ]

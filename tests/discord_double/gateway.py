@@ -52,6 +52,7 @@ class Gateway:
         self.identifies = 0
         self.heartbeats = 0
         self.connections: set[web.WebSocketResponse] = set()
+        self.down_until = 0.0  # loop time before which new connections wait for their HELLO
         self._changed = asyncio.Condition()
 
     @property
@@ -68,8 +69,13 @@ class Gateway:
         for session in list(self.sessions.values()):
             await session.send(event, data)
 
-    async def drop(self, code: int = 4000) -> int:
-        """Close every live websocket with `code` (4000 = resumable); the number closed."""
+    async def drop(self, code: int = 4000, *, down_for: float = 0.0) -> int:
+        """Close every live websocket with `code` (4000 = resumable); the number closed.
+
+        down_for: for that many seconds a reconnecting bot gets no HELLO (the network is still down), so
+        events dispatched meanwhile wait in the session's log for the RESUME's replay.
+        """
+        self.down_until = asyncio.get_running_loop().time() + down_for
         live = self.live
         for session in live:
             ws, session.ws = session.ws, None
@@ -97,6 +103,9 @@ class Gateway:
         self.connections.add(ws)
         session: GatewaySession | None = None
         try:
+            delay = self.down_until - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
             await self._send(ws, {"op": OP_HELLO, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}})
             async for msg in ws:
                 if msg.type is not WSMsgType.TEXT:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .callbacks import InteractionRoutes
 from .dispatch import command_data, component_data, modal_data
+from .faults import Fault, FaultInjector
 from .gateway import Gateway
 from .models import DEFAULT_UPLOAD_LIMIT, Channel, Guild, StoredMessage, User
 from .records import InteractionRecord
@@ -54,6 +55,7 @@ class DiscordDouble(World):
             default_upload_limit=default_upload_limit,
         )
         self.gateway = Gateway(self)
+        self.faults = FaultInjector()
         self._runner: web.AppRunner | None = None
         self._messages_changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -63,7 +65,7 @@ class DiscordDouble(World):
     async def start(self) -> DiscordDouble:
         """Serve on 127.0.0.1 at a free port."""
         bot_routes = BotRoutes(self)
-        app = web.Application(middlewares=[bot_routes.auth])
+        app = web.Application(middlewares=[bot_routes.auth, self.faults.middleware])
         app.router.add_get("/gateway", self.gateway.handle)
         InteractionRoutes(self).add_to(app, self.api_path)
         bot_routes.add_to(app, self.api_path)
@@ -126,6 +128,35 @@ class DiscordDouble(World):
         finally:
             await bot.close()
             await task
+
+    # ---- faults ------------------------------------------------------------------------------------
+
+    def inject_fault(
+        self,
+        method: str,
+        path_regex: str,
+        status: int,
+        *,
+        times: int | None = 1,
+        retry_after: float | None = None,
+        code: int | None = None,
+        when: Callable[[web.Request], bool] | None = None,
+    ) -> Fault:
+        """Answer the next ``times`` requests matching ``method`` ("*": any) and ``path_regex`` (searched
+        in the path, e.g. ``r"/webhooks/\\d+/[^/]+$"`` for follow-ups) with ``status``, as Discord would.
+
+        429 comes with ``Via`` and JSON ``retry_after`` (discord.py sleeps and retries); 5xx is retried by
+        discord.py; 404 gets the route's "unknown ..." code unless ``code`` is given. ``when`` narrows it
+        further on the request's headers (not its body), e.g. ``faults.is_multipart``. ``times`` None:
+        until :meth:`clear_faults`. The returned :class:`Fault` counts its ``hits``.
+        """
+        return self.faults.add(
+            method, path_regex, status, times=times, retry_after=retry_after, code=code, when=when
+        )
+
+    def clear_faults(self) -> None:
+        """Stop injecting faults."""
+        self.faults.clear()
 
     # ---- the world -------------------------------------------------------------------------------
 
@@ -296,9 +327,12 @@ class DiscordDouble(World):
         assert message is not None
         return message
 
-    async def drop_connection(self, code: int = 4000) -> int:
-        """Close the bot's gateway websocket(s) as a network drop would; the bot should RESUME."""
-        return await self.gateway.drop(code)
+    async def drop_connection(self, code: int = 4000, *, down_for: float = 0.0) -> int:
+        """Close the bot's gateway websocket(s) as a network drop would; the bot should RESUME.
+
+        down_for: seconds before a reconnecting bot is served again (events meanwhile are replayed).
+        """
+        return await self.gateway.drop(code, down_for=down_for)
 
     async def wait_resumed(self, count: int = 1, timeout: float = 5.0) -> None:
         """Wait until the gateway has seen `count` RESUMEs in all."""

@@ -52,7 +52,7 @@ async def test_open_creates_parent_folders_and_sets_pragmas(tmp_path: Path) -> N
         assert await _pragma(db, "foreign_keys") == 1
         assert await _pragma(db, "busy_timeout") >= 1000
         assert await _tables(db) >= APP_TABLES
-        assert await db.current_revision() == "0001"
+        assert await db.current_revision() == "0002"
 
 
 async def test_memory_database_keeps_its_schema_across_sessions() -> None:
@@ -96,7 +96,7 @@ async def test_upgrade_downgrade_upgrade(tmp_path: Path, where: str) -> None:
         assert not (await _tables(db) & APP_TABLES)
 
         await db.upgrade()
-        assert await db.current_revision() == "0001"
+        assert await db.current_revision() == "0002"
         assert await _tables(db) >= APP_TABLES
 
         await db.downgrade("base")
@@ -104,7 +104,7 @@ async def test_upgrade_downgrade_upgrade(tmp_path: Path, where: str) -> None:
         assert not (await _tables(db) & APP_TABLES)
 
         await db.upgrade("head")
-        assert await db.current_revision() == "0001"
+        assert await db.current_revision() == "0002"
         async with db.engine.connect() as conn:
             assert await conn.run_sync(_diff, Base.metadata) == []
         async with db.sessions.begin() as session:  # the re-created schema is usable
@@ -142,7 +142,7 @@ def test_alembic_config_runs_without_a_connection(tmp_path: Path) -> None:
         version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
     conn.close()
     assert tables >= APP_TABLES
-    assert version == [("0001",)]
+    assert version == [("0002",)]
 
 
 def test_migrations_found_from_the_package_not_the_working_dir(tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_migrations_found_from_the_package_not_the_working_dir(tmp_path: Path) -
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "0001"
+    assert result.stdout.strip() == "0002"
     assert (work / "x.db").is_file()
 
 
@@ -191,7 +191,7 @@ TABLE_REBUILD_MIGRATION = """
 from alembic import op
 
 revision = "9999"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
@@ -228,7 +228,7 @@ async def test_table_rebuild_keeps_child_rows(
     monkeypatch.setattr(db_module, "alembic_config", config_with_extra)
     url = sqlite_url(tmp_path / "bot.db") if where == "file" else MEMORY_URL
     async with Database(url, migrate=False) as db:  # with the extra folder, head is 9999
-        await db.upgrade("0001")
+        await db.upgrade("0002")
         async with db.sessions.begin() as session:
             job = await create_job(session, kind="txt2img", spec={})
             await mark_running(session, job.id)
@@ -238,7 +238,7 @@ async def test_table_rebuild_keeps_child_rows(
         assert await _pragma(db, "foreign_keys") == 1  # back on afterwards
         async with db.sessions() as session:
             assert (await session.scalars(select(Image.job_id))).all() == [job.id]
-        await db.downgrade("0001")
+        await db.downgrade("0002")
 
 
 async def test_file_database_uses_wal_with_normal_sync(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -248,3 +248,23 @@ async def test_file_database_uses_wal_with_normal_sync(tmp_path) -> None:  # typ
         async with db.engine.connect() as conn:
             assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
             assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 1  # NORMAL
+
+
+async def test_delivered_at_backfills_finished_jobs_only(tmp_path: Path) -> None:
+    """0002: jobs finished before it count as delivered; unfinished ones stay owed to their users."""
+    async with Database(sqlite_url(tmp_path / "bot.db"), migrate=False) as db:
+        await db.upgrade("0001")
+        async with db.engine.begin() as conn:
+            for status in ("done", "failed", "cancelled", "queued", "running"):
+                await conn.execute(
+                    text(
+                        "INSERT INTO jobs (kind, status, spec, attempts, created_at) "
+                        "VALUES ('txt2img', :status, '{}', 0, '2026-11-01 10:00:00.000000')"
+                    ),
+                    {"status": status},
+                )
+        await db.upgrade("0002")
+        async with db.engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT status, delivered_at FROM jobs"))).all()
+    owed = {status for status, delivered in rows if delivered is None}
+    assert owed == {"queued", "running"}, rows
