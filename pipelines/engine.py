@@ -50,7 +50,7 @@ from pipelines.scheduling import BatchBudget
 from pipelines.settings import Settings, build_extras, build_registry
 from pipelines.worker import Worker, WorkerOptions
 from storage import jobs as job_rows
-from storage.db import Database
+from storage.db import Database, retry_locked
 from storage.errors import GenerationError, InvalidRequestError, NotFoundError
 from storage.files import FileStore
 from storage.tables import JobStatus
@@ -169,6 +169,7 @@ class Engine:
 
     async def close(self) -> None:
         await self.worker.stop()
+        self.cache.clear()  # the worker has stopped; also lets the collector have the models back
         await self.db.close()
 
     async def __aenter__(self) -> Engine:
@@ -251,19 +252,21 @@ class Engine:
             )
         return self.extras.require_upscaler(name).name
 
-    def _store_inputs(self, prepared: PreparedInputs) -> JobSpec:
-        """Store the normalised input images and point the spec at them."""
+    def _store_inputs(self, prepared: PreparedInputs) -> tuple[JobSpec, list[str]]:
+        """Store the normalised input images and point the spec at them; also the hashes this call wrote."""
         spec = prepared.spec
-        stored = {role: self.files.put_bytes(data).sha256 for role, data in prepared.files.items()}
+        files = {role: self.files.put_bytes(data) for role, data in prepared.files.items()}
+        stored = {role: file.sha256 for role, file in files.items()}
         units = tuple(
             replace(unit, image=stored.get(f"control{i}", unit.image)) for i, unit in enumerate(spec.controls)
         )
-        return replace(
+        spec = replace(
             spec,
             init_image=stored.get("init", spec.init_image),
             mask_image=stored.get("mask", spec.mask_image),
             controls=units,
         )
+        return spec, [file.sha256 for file in files.values() if file.created]
 
     async def submit(
         self, spec: JobSpec, inputs: JobInputs | None = None, *, on_step: StepHook | None = None
@@ -274,8 +277,14 @@ class Engine:
         """
         prepared = self.prepare_job(spec, inputs)
         prepared.spec = await self.resolve_adapters(prepared.spec)
-        spec = self._store_inputs(prepared)
-        submitted = await self.queue.submit(spec)
+        self.queue.check_limits(prepared.spec)  # refuse before storing the input images
+        spec, created = self._store_inputs(prepared)
+        try:
+            submitted = await self.queue.submit(spec)
+        except BaseException:
+            for sha256 in created:  # refused after all (a limit reached meanwhile, the database busy)
+                self.files.delete(sha256)
+            raise
         if on_step is not None:
             self.worker.on_step(submitted.job_id, on_step)
         return submitted, prepared.notes
@@ -330,6 +339,16 @@ class Engine:
     def status(self, job_id: int) -> QueueStatus | None:
         """Position and ETA of a queued job (running: no position); None once it has left the queue."""
         return self.queue.status(job_id)
+
+    async def mark_delivered(self, *job_ids: int) -> list[int]:
+        """Record that these jobs' outcomes reached their users (see ``storage.jobs.mark_delivered``)."""
+
+        async def write() -> list[int]:
+            async with self.db.sessions.begin() as session:
+                return await job_rows.mark_delivered(session, job_ids)
+
+        # A lock must not leave a delivered job owed (a restart would post it again).
+        return await retry_locked(write, give_up_after_s=None, what="a delivery mark")
 
     def stored_parameters(self, sha256: str) -> str:
         """The webui parameters a stored output PNG carries ("" if it has none)."""

@@ -214,7 +214,7 @@ class JobQueue:
     async def submit(self, spec: JobSpec) -> Submitted:
         """Store a complete, checked spec as a queued job; refuse politely past the limits."""
         async with self._lock:
-            self._check_limits(spec)
+            self.check_limits(spec)
             job_id = await retry_locked(
                 lambda: self._store_job(spec), give_up_after_s=self.limits.busy_wait_s, what="a submit"
             )
@@ -235,7 +235,8 @@ class JobQueue:
             )
             return job.id
 
-    def _check_limits(self, spec: JobSpec) -> None:
+    def check_limits(self, spec: JobSpec) -> None:
+        """Raise the sentence :meth:`submit` would give for the queue's and the user's limits."""
         limits = self.limits
         if len(self.scheduler) >= limits.total:
             raise QueueFullError(

@@ -384,3 +384,28 @@ async def test_sync_racing_submits_indexes_each_job_once(make_engine: Any) -> No
     ids = [entry.job_id for entry, _ in submitted]
     assert len(set(ids)) == 60
     assert sorted(job.job_id for job in engine.queue.scheduler.order()) == sorted(ids)
+
+
+async def test_a_refused_submit_leaves_no_input_images(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input images are stored only for queued jobs: a refusal (a limit, a busy database) removes them."""
+    from pipelines.inputs import JobInputs
+    from storage.db import DATABASE_BUSY, DatabaseBusyError
+
+    engine = await make_engine(start_worker=False, queue_per_user=1)
+    await engine.submit(_spec(1, 1))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buffer, format="PNG")
+    img2img = _spec(1, 2, kind="img2img")
+    with pytest.raises(QuotaExceededError):  # refused before anything is stored
+        await engine.submit(img2img, JobInputs(init=buffer.getvalue()))
+    assert not list(engine.files.iter_hashes())
+
+    async def busy(spec: JobSpec) -> None:
+        raise DatabaseBusyError(DATABASE_BUSY)
+
+    monkeypatch.setattr(engine.queue, "submit", busy)
+    with pytest.raises(DatabaseBusyError):  # refused after the images were stored: they go again
+        await engine.submit(_spec(2, 3, kind="img2img"), JobInputs(init=buffer.getvalue()))
+    assert not list(engine.files.iter_hashes())
