@@ -178,3 +178,30 @@ async def test_a_bot_session_never_shows_a_secret(
     assert not [r for r in ours if URL_TOKEN in r.getMessage()]  # the link's token: not in our own logs
     assert URL_TOKEN not in seen["import"]
     double.assert_clean()
+
+
+def test_the_run_commands_log_filter_masks_tokens_discord_py_logs_at_debug() -> None:
+    """discord.py logs interaction payloads and webhook routes at DEBUG: `dreamcord run` masks them."""
+    import io
+    import logging
+
+    from cogs.log_secrets import install_secret_filter
+
+    stream = io.StringIO()
+    logger = logging.getLogger("dreamcord-secret-filter-test")
+    logger.propagate = False
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        install_secret_filter("BOT.TOKEN.sekrit", logger=logger)
+        interaction_token = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5OmFiY2RlZg-xyz_1"
+        logger.debug("POST /webhooks/1234/%s?wait=1 with %s", interaction_token, "{}")
+        logger.debug("received %s", {"t": "INTERACTION_CREATE", "d": {"token": interaction_token, "id": "9"}})
+        logger.debug("POST /interactions/99/%s/callback", interaction_token)
+        logger.info("login with BOT.TOKEN.sekrit failed")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert interaction_token not in text and "sekrit" not in text, text
+    assert text.count("***") == 4 and "/webhooks/1234/***?wait=1" in text
