@@ -8,6 +8,7 @@ handler (:func:`cogs.common.install_error_handler`) only, so each gets one answe
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from storage.assets import (
     usable_names,
 )
 from storage.errors import InvalidRequestError, NotFoundError
+from storage.files import STORAGE_FULL, StorageFullError
 from storage.tables import AssetKind, Visibility
 
 if TYPE_CHECKING:
@@ -177,7 +179,12 @@ class AssetGroup(app_commands.Group):
             raise InvalidRequestError("Could not download the file; attach it again.") from None
         with tempfile.TemporaryDirectory(prefix="dreamcord-upload-") as scratch:
             path = Path(scratch) / "upload"  # the user's file name never reaches the disk
-            path.write_bytes(data)
+            try:
+                path.write_bytes(data)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StorageFullError(STORAGE_FULL) from None
+                raise
             del data
             added = await add_asset_file(
                 self.engine,
@@ -197,7 +204,7 @@ class AssetGroup(app_commands.Group):
             url: The https download link.
             name: The name to use in prompts (default: the file's name).
         """
-        from pipelines.url_import import DEFAULT_ALLOWED_HOSTS, check_url, fetch_to_file
+        from pipelines.url_import import DEFAULT_ALLOWED_HOSTS, check_url, fetch_to_file, import_headers
 
         room = await self._may_upload(interaction)
         settings = self.engine.settings
@@ -212,6 +219,7 @@ class AssetGroup(app_commands.Group):
             allowed_hosts=hosts,
             max_bytes=min(self.engine.asset_caps.get(self.kind, 1024 * 2**20), room),
             timeout_s=settings.import_timeout_s,
+            headers=import_headers(url, settings.import_tokens),
         )
         try:
             added = await add_asset_file(
@@ -281,7 +289,12 @@ class AssetGroup(app_commands.Group):
         """
         async with self.engine.db.sessions.begin() as session:
             row = await set_visibility(
-                session, owner_id=interaction.user.id, kind=self.kind, name=name, visibility=Visibility(with_)
+                session,
+                owner_id=interaction.user.id,
+                kind=self.kind,
+                name=name,
+                visibility=Visibility(with_),
+                guild_id=interaction.guild_id,
             )
             label = row.name
         await answer(

@@ -17,6 +17,7 @@ from pathlib import Path
 from models.adapters.inspect import CheckedAsset, check_asset
 from pipelines.engine import Engine
 from storage.assets import NewAsset, add_asset, check_asset_name, check_name_free, remove_asset
+from storage.db import retry_locked
 from storage.tables import Asset, AssetKind, Visibility
 
 __all__ = ["AddedAsset", "add_asset_file", "name_from_filename", "remove_asset_file"]
@@ -85,7 +86,8 @@ async def add_asset_file(
         if not was_stored:
             engine.files.delete(stored.sha256)
         raise RuntimeError("the asset file changed while it was being stored")
-    try:
+
+    async def write() -> AddedAsset:
         async with engine.db.sessions.begin() as session:
             row: Asset = await add_asset(
                 session,
@@ -104,7 +106,10 @@ async def add_asset_file(
                     details=checked.info.details,
                 ),
             )
-            added = AddedAsset(row.id, row.name, kind, row.visibility, checked)
+            return AddedAsset(row.id, row.name, kind, row.visibility, checked)
+
+    try:
+        added = await retry_locked(write, give_up_after_s=engine.queue.limits.busy_wait_s, what="an upload")
     except BaseException:
         if not was_stored:
             engine.files.delete(checked.sha256)

@@ -232,12 +232,25 @@ async def rename_asset(
 
 
 async def set_visibility(
-    session: AsyncSession, *, owner_id: int, kind: AssetKind, name: str, visibility: Visibility
+    session: AsyncSession,
+    *,
+    owner_id: int,
+    kind: AssetKind,
+    name: str,
+    visibility: Visibility,
+    guild_id: int | None = None,
 ) -> Asset:
-    """Share or unshare the owner's asset (private, guild or public)."""
+    """Share or unshare the owner's asset (private, guild or public).
+
+    Sharing with a guild shares with ``guild_id`` (where the owner asked), not where the file was uploaded.
+    """
     row = await _own(session, owner_id, kind, name)
-    if visibility == Visibility.GUILD and row.guild_id is None:
-        raise InvalidRequestError("This asset was not uploaded in a server, so it cannot be shared with one.")
+    if visibility == Visibility.GUILD:
+        if guild_id is None:
+            raise InvalidRequestError(
+                "Share it from a channel of the server you want to share it with; a DM has no server."
+            )
+        row.guild_id = guild_id
     row.visibility = visibility
     await session.flush()
     return row

@@ -259,6 +259,22 @@ async def test_sharing_is_for_one_server(world: World) -> None:
     )
 
 
+async def test_sharing_goes_to_the_server_where_it_is_asked(world: World) -> None:
+    """Uploaded in Dream Guild, shared from Elsewhere: usable in Elsewhere (as answered), not in Dream."""
+    shared = await slash(world.double, world.alice, world.elsewhere, "lora", "share", name=LORA)
+    assert await sentence(shared) == f"`{LORA}` is now shared with this server."
+    try:
+        there = await sentence(await _lora_info(world, world.bob, world.elsewhere, LORA))
+        assert there.startswith(f"`{LORA}`: a LoRA"), there
+        here = await sentence(await _lora_info(world, world.bob, world.guild, LORA))
+        assert here == f"There is no LoRA called {LORA} that you can use here."
+    finally:
+        private = await slash(
+            world.double, world.alice, world.guild, "lora", "share", name=LORA, **{"with": "private"}
+        )
+        assert await sentence(private) == f"`{LORA}` is now private."
+
+
 async def _adapters_of(world: World, job_id: int) -> list[str]:
     async with world.engine.db.sessions() as session:
         job = await session.get(Job, job_id)
