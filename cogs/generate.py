@@ -21,11 +21,12 @@ from cogs.job_buttons import progress_view
 from cogs.presenter import follow_job, queued_text
 from pipelines import followups
 from pipelines.inputs import JobInputs
-from pipelines.jobs import CONTROL_TYPES, ControlUnit, JobKind, JobSpec
+from pipelines.jobs import CONTROL_TYPES, MAX_SEED, ControlUnit, JobKind, JobSpec
+from pipelines.prompts import echo
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLERS
 from storage import jobs as job_rows
 from storage.assets import list_usable_assets, usable_names
-from storage.errors import BotError, NotFoundError
+from storage.errors import BotError, InvalidRequestError, NotFoundError
 from storage.tables import AssetKind
 
 if TYPE_CHECKING:
@@ -145,6 +146,10 @@ class Generate(commands.Cog):
     def _size(self, model: str | None, size: str | None, width: int, height: int) -> tuple[int, int]:
         if size is None or width or height:
             return width, height
+        if size not in SIZE_PRESETS:  # a stale preference, or a client that ignores the choices
+            raise InvalidRequestError(
+                f"There is no size called {echo(size)!r}; use one of {', '.join(SIZE_PRESETS)}."
+            )
         entry = self.engine.registry.require(model)
         from models.families import family_info
 
@@ -174,7 +179,7 @@ class Generate(commands.Cog):
         steps: app_commands.Range[int, 1, 150] | None = None,
         cfg: app_commands.Range[float, 0.0, 30.0] | None = None,
         sampler: str | None = None,
-        seed: int = -1,
+        seed: app_commands.Range[int, -1, MAX_SEED] = -1,
         count: app_commands.Range[int, 1, 4] = 1,
         vae: str | None = None,
         hires: app_commands.Range[float, 0.0, 4.0] = 0.0,
@@ -275,7 +280,7 @@ class Generate(commands.Cog):
         strength: app_commands.Range[float, 0.01, 1.0] = 0.75,
         negative: app_commands.Range[str, 0, 4000] = "",
         steps: app_commands.Range[int, 1, 150] = 20,
-        seed: int = -1,
+        seed: app_commands.Range[int, -1, MAX_SEED] = -1,
         model: str | None = None,
     ) -> None:
         """Redraw an image to match a prompt.
@@ -313,7 +318,7 @@ class Generate(commands.Cog):
         mask: discord.Attachment | None = None,
         strength: app_commands.Range[float, 0.01, 1.0] = 1.0,
         negative: app_commands.Range[str, 0, 4000] = "",
-        seed: int = -1,
+        seed: app_commands.Range[int, -1, MAX_SEED] = -1,
         model: str | None = None,
     ) -> None:
         """Repaint the white part of a mask (or the transparent part of the image).
@@ -362,7 +367,7 @@ class Generate(commands.Cog):
         type: str = "scribble",
         weight: app_commands.Range[float, 0.0, 2.0] = 1.0,
         init: discord.Attachment | None = None,
-        seed: int = -1,
+        seed: app_commands.Range[int, -1, MAX_SEED] = -1,
         model: str | None = None,
     ) -> None:
         """Draw following a sketch, edges, depth or pose map.

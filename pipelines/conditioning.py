@@ -109,14 +109,19 @@ def _token_ids(chunks: Sequence[Chunk], source: Any, tokenizer: Any, device: tor
 
 
 def _weigh(z: torch.Tensor, chunks: Sequence[Chunk]) -> torch.Tensor:
-    """Multiply each position by its weight, then restore each chunk's mean (the webui's "Original")."""
-    weights = torch.tensor([[1.0, *c.weights, 1.0] for c in chunks], dtype=z.dtype, device=z.device)
+    """Multiply each position by its weight, then restore each chunk's mean (the webui's "Original").
+
+    In float32 whatever ``z`` is, as the webui's float32 multipliers promote it: float16 would round
+    1.1 to 1.0996 and overflow where a large weight meets a large activation.
+    """
+    weights = torch.tensor([[1.0, *c.weights, 1.0] for c in chunks], dtype=torch.float32, device=z.device)
     if bool((weights == 1.0).all()):
         return z
-    original = z.mean(dim=(1, 2), keepdim=True)
-    z = z * weights.unsqueeze(-1)
-    new = z.mean(dim=(1, 2), keepdim=True)
-    return z * torch.where(new == 0, torch.ones_like(new), original / new)
+    wide = z.float()
+    original = wide.mean(dim=(1, 2), keepdim=True)
+    wide = wide * weights.unsqueeze(-1)
+    new = wide.mean(dim=(1, 2), keepdim=True)
+    return (wide * torch.where(new == 0, torch.ones_like(new), original / new)).to(z.dtype)
 
 
 def _final_norm(encoder: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -19,14 +20,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storage.errors import InvalidRequestError
 
-__all__ = ["MAX_PIXELS", "MIN_SIDE", "LoadedImage", "ResizeMode", "load_image", "resize_to"]
+__all__ = ["FORMATS", "MAX_PIXELS", "MIN_SIDE", "LoadedImage", "ResizeMode", "load_image", "resize_to"]
 
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 4096 * 4096  # what we accept; Pillow's own bomb limit guards decoding beyond it
 MIN_SIDE = 8
+#: The formats we decode (what Discord's image attachments are). Pillow would also open EPS (through
+#: Ghostscript), TIFF, PSD and a dozen others from a file merely *named* .png: untrusted bytes never
+#: reach those decoders.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _EXIF_ORIENTATION = 0x0112
-NOT_AN_IMAGE = "That file is not an image I can read; attach a PNG, JPEG or WebP."
+#: What Pillow's decoders raise on corrupt or cut data (a GIF cut inside a frame header: IndexError).
+_DAMAGED = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
 
 class ResizeMode(StrEnum):
@@ -46,29 +52,39 @@ class LoadedImage:
     had_alpha: bool = False
 
 
-def _open(data: bytes) -> Image.Image:
+def _subject(role: str | None, default: str) -> str:
+    """Who the sentence is about: "The mask" when the caller names the role, else "That file/image"."""
+    return f"The {role}" if role else default
+
+
+def _open(data: bytes, role: str | None) -> Image.Image:
     if not data:
-        raise InvalidRequestError("That file is empty; attach a PNG, JPEG or WebP image.")
+        raise InvalidRequestError(
+            f"{_subject(role, 'That file')} is empty; attach a PNG, JPEG or WebP image."
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidRequestError(
-            "That image is far too large to decode; send one under 16 megapixels."
+            f"{_subject(role, 'That image')} is far too large to decode; send one under 16 megapixels."
         ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidRequestError(NOT_AN_IMAGE) from exc
+    except (UnidentifiedImageError, *_DAMAGED) as exc:
+        raise InvalidRequestError(
+            f"{_subject(role, 'That file')} is not an image I can read; attach a PNG, JPEG or WebP."
+        ) from exc
 
 
-def _check_size(width: int, height: int) -> None:
+def _check_size(width: int, height: int, role: str | None) -> None:
+    subject = _subject(role, "That image")
     if width * height > MAX_PIXELS:
         raise InvalidRequestError(
-            f"That image is {width}×{height}; send one of at most {MAX_PIXELS // 1_000_000} megapixels."
+            f"{subject} is {width}×{height}; send one of at most {MAX_PIXELS // 1_000_000} megapixels."
         )
     if min(width, height) < MIN_SIDE:
         raise InvalidRequestError(
-            f"That image is only {width}×{height}; send one at least {MIN_SIDE} pixels on each side."
+            f"{subject} is only {width}×{height}; send one at least {MIN_SIDE} pixels on each side."
         )
 
 
@@ -81,24 +97,29 @@ def _to_8bit(image: Image.Image, notes: list[str]) -> Image.Image:
     return image
 
 
-def load_image(data: bytes, *, keep_alpha: bool = False) -> LoadedImage:
+def load_image(data: bytes, *, keep_alpha: bool = False, role: str | None = None) -> LoadedImage:
     """Decode ``data`` into an 8-bit RGB (or RGBA with ``keep_alpha``) image.
+
+    Only :data:`FORMATS` are decoded, whatever the file is called. ``role`` ("mask", "control image")
+    names the file in the sentences (default: "That image"), for requests that carry several.
 
     Raises:
         InvalidRequestError: not an image, truncated, a decompression bomb, too small or too large.
     """
-    image = _open(data)
-    _check_size(*image.size)
+    image = _open(data, role)
+    _check_size(*image.size, role)
     notes: list[str] = []
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)
-        notes.append("It is animated; only its first frame was used.")
     try:
+        if getattr(image, "is_animated", False):  # not n_frames: that walks every frame of a GIF
+            image.seek(0)
+            notes.append("It is animated; only its first frame was used.")
         image.load()
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt pixel data
-        raise InvalidRequestError("That image is damaged or cut short; send the whole file again.") from exc
+    except _DAMAGED as exc:  # truncated or corrupt frames, pixel data or EXIF
+        raise InvalidRequestError(
+            f"{_subject(role, 'That image')} is damaged or cut short; send the whole file again."
+        ) from exc
     if orientation != 1:
         notes.append("Its EXIF orientation was applied.")
     image = _to_8bit(image, notes)

@@ -73,7 +73,7 @@ def _mask_from(mask_bytes: bytes | None, init: Image.Image, notes: list[str], mo
         notes.append("The mask was taken from the image's transparent areas.")
         alpha = np.asarray(init.getchannel("A"))
         return Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8), "L")
-    loaded = load_image(mask_bytes, keep_alpha=True)
+    loaded = load_image(mask_bytes, keep_alpha=True, role="mask")
     image = loaded.image
     if image.mode == "RGBA" and np.asarray(image.getchannel("A")).min() < 128:
         # A transparent sheet with strokes drawn on it: the strokes are the mask.
@@ -125,7 +125,8 @@ def prepare_inputs(spec: JobSpec, inputs: JobInputs, default_side: int, limits: 
     notes = prepared.notes
     first: Image.Image | None = None
     if inputs.init is not None:
-        loaded = load_image(inputs.init, keep_alpha=spec.kind in _MASKED)
+        role = "init image" if spec.kind == JobKind.controlnet else None  # None: "That image is ..."
+        loaded = load_image(inputs.init, keep_alpha=spec.kind in _MASKED, role=role)
         notes.extend(f"Image: {n}" for n in loaded.notes if "transparency" not in n)
         init = loaded.image
         if spec.kind in _MASKED:
@@ -136,7 +137,9 @@ def prepare_inputs(spec: JobSpec, inputs: JobInputs, default_side: int, limits: 
         prepared.files["init"] = _png(init)
         first = init
     for index, data in enumerate(inputs.controls):
-        loaded = load_image(data)
+        loaded = load_image(
+            data, role=f"control image {index + 1}" if len(inputs.controls) > 1 else "control image"
+        )
         notes.extend(f"Control image {index + 1}: {n}" for n in loaded.notes)
         prepared.files[f"control{index}"] = _png(loaded.image)
         first = first or loaded.image

@@ -7,12 +7,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
+from pipelines.prompt_chunks import check_prompt
+from pipelines.prompts import echo
 from pipelines.samplers import DEFAULT_SAMPLER, check_sampler
 from storage.errors import InvalidRequestError
 
 __all__ = [
     "CONTROL_TYPES",
     "LIMITS",
+    "MAX_SEED",
     "AdapterRef",
     "ControlUnit",
     "JobKind",
@@ -218,11 +221,12 @@ def resolve_seed(seed: int, rng: random.Random | None = None) -> int:
     return seed
 
 
-def _check_int(name: str, value: object, low: int, high: int, hint: str = "") -> None:
+def _check_int(name: str, value: object, low: int, high: int, low_label: str = "") -> None:
+    bounds = f"between {low_label or low} and {high}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{name} must be a whole number between {low} and {high}.")
+        raise InvalidRequestError(f"{name} must be a whole number {bounds}.")
     if not low <= value <= high:
-        raise InvalidRequestError(f"{name} must be between {low} and {high}, not {value}.{hint}")
+        raise InvalidRequestError(f"{name} must be {bounds}, not {value}.")
 
 
 def _check_size(spec: JobSpec, limits: Limits) -> None:
@@ -261,7 +265,9 @@ def _check_fraction(name: str, value: object, low: float = 0.0, high: float = 1.
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise InvalidRequestError(f"There is no {name} called {value!r}; use one of {', '.join(choices)}.")
+        raise InvalidRequestError(
+            f"There is no {name} called {echo(str(value))!r}; use one of {', '.join(choices)}."
+        )
 
 
 def _check_control(index: int, unit: ControlUnit) -> None:
@@ -331,11 +337,13 @@ def check_spec(spec: JobSpec, limits: Limits = LIMITS) -> JobSpec:
     _check_int("Steps", spec.steps, 1, limits.max_steps)
     _check_int("Batch size", spec.batch, 1, limits.max_batch)
     _check_int("Clip skip", spec.clip_skip, 1, limits.max_clip_skip)
-    _check_int("Seed", spec.seed, -1, MAX_SEED, " Use -1 for a random seed.")
+    _check_int("Seed", spec.seed, -1, MAX_SEED, "-1 (random)")
     if (
         isinstance(spec.cfg, bool)
         or not isinstance(spec.cfg, int | float)
         or not 0 <= spec.cfg <= limits.max_cfg
     ):
         raise InvalidRequestError(f"CFG scale must be a number between 0 and {limits.max_cfg:g}.")
+    for name, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):
+        check_prompt(text, spec.steps, name)  # after the steps: prompt editing runs over them
     return replace(spec, sampler=check_sampler(spec.sampler), cfg=float(spec.cfg))

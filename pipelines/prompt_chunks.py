@@ -10,13 +10,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.prompts import extract_networks, parse_attention, prompt_schedule
+from storage.errors import InvalidRequestError
 
-__all__ = ["CHUNK_LENGTH", "COMMA_BACKTRACK", "Chunk", "chunk_tokens", "explain"]
+__all__ = [
+    "CHUNK_LENGTH",
+    "COMMA_BACKTRACK",
+    "MAX_BREAKS",
+    "MAX_WEIGHT",
+    "Chunk",
+    "check_prompt",
+    "chunk_tokens",
+    "explain",
+]
 
 #: Tokens per chunk, without the BOS/EOS the text encoder adds around each one (77 in all).
 CHUNK_LENGTH = 75
 #: When a chunk fills, text after a comma this close to its end moves to the next chunk (webui default).
 COMMA_BACKTRACK = 20
+#: Bounds the webui does not have, for prompts from strangers. Every BREAK opens another window that the
+#: text encoder and each cross-attention layer pay for (a 4,000-character prompt of BREAKs is 667 windows,
+#: 51,000 keys), and a weight beyond ±100 overflows float16 conditioning (1,000 nested "(" is 1.1**1000).
+MAX_BREAKS = 32
+MAX_WEIGHT = 100.0
 
 
 @dataclass(frozen=True)
@@ -108,3 +123,27 @@ def explain(text: str, steps: int = 20, tokenizer: Any = None) -> dict[str, Any]
         "chunks": max(c for c, _ in sizes.values()),
         "tokens": max(t for _, t in sizes.values()),
     }
+
+
+def check_prompt(text: str, steps: int, name: str = "prompt") -> None:
+    """Refuse a prompt the webui would run but a shared bot should not (see :data:`MAX_BREAKS`).
+
+    Every text the prompt takes over the steps is checked: at most :data:`MAX_BREAKS` BREAKs, and every
+    attention weight within ±:data:`MAX_WEIGHT`. ``name`` is how the sentence calls it ("negative prompt").
+
+    Raises:
+        InvalidRequestError: one sentence; also anything :func:`extract_networks`, :func:`prompt_schedule`
+            or :func:`parse_attention` refuses.
+    """
+    stripped, _ = extract_networks(text)
+    for scheduled in dict.fromkeys(part for _, part in prompt_schedule(stripped, steps)):
+        runs = parse_attention(scheduled)
+        breaks = sum(1 for part, weight in runs if part == "BREAK" and weight == -1.0)
+        if breaks > MAX_BREAKS:
+            raise InvalidRequestError(f"The {name} has {breaks} BREAKs; use at most {MAX_BREAKS}.")
+        worst = max(abs(weight) for _, weight in runs)
+        if worst > MAX_WEIGHT:
+            raise InvalidRequestError(
+                f"An attention weight in the {name} comes to {worst:.4g}; keep weights between "
+                f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, like (word:1.3)."
+            )

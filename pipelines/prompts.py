@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,9 @@ import numpy as np
 from storage.errors import InvalidRequestError
 
 __all__ = [
+    "MAX_SCHEDULE_STEPS",
     "Network",
+    "echo",
     "extract_networks",
     "parse_attention",
     "prompt_schedule",
@@ -32,6 +35,9 @@ log = logging.getLogger(__name__)
 
 _ROUND = 1.1
 _SQUARE = 1 / 1.1
+#: Prompt editing and alternation make one text per step: a bound the webui lacks (its steps are bounded
+#: elsewhere), so ``/prompt explain`` with a forged step count cannot build billions of them.
+MAX_SCHEDULE_STEPS = 1000
 
 # Attention tokens, first match wins: an escape (a lone backslash yields nothing, as in the webui), an opener,
 # an explicit weight closing a round bracket, a closer, a run of plain text, a lone colon.
@@ -41,6 +47,14 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _STEP = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*")
 _NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _NETWORK_TYPES = {"lora": "lora", "lyco": "lora", "hypernet": "hypernet"}
+
+
+def echo(text: str, limit: int = 40) -> str:
+    """User text to quote in a sentence: one line, invisible and direction-changing characters shown as
+    "\ufffd", at most ``limit`` characters."""
+    shown = "".join(c if c.isspace() or unicodedata.category(c)[0] != "C" else "\ufffd" for c in text)
+    flat = " ".join(shown.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -103,7 +117,7 @@ def _attention_weight(text: str) -> float:
         return float(text)
     except ValueError:
         raise InvalidRequestError(
-            f"The attention weight '{text}' is not a number; write it like (word:1.3)."
+            f"The attention weight '{echo(text)}' is not a number; write it like (word:1.3)."
         ) from None
 
 
@@ -192,7 +206,9 @@ def _when(number: str, steps: int, int_offset: int, float_offset: float, old: bo
     else:
         v = v - int_offset
     if not math.isfinite(v):
-        raise InvalidRequestError(f"The prompt-editing step '{number}' is too large; use a step or fraction.")
+        raise InvalidRequestError(
+            f"The prompt-editing step '{echo(number)}' is too large; use a step or fraction."
+        )
     return min(steps, int(v))
 
 
@@ -216,10 +232,12 @@ def prompt_schedule(
         ``(until_step, text)`` pairs, ascending; the last one is at the (hires) step count.
 
     Raises:
-        InvalidRequestError: ``steps`` is below 1, or a step number is not finite.
+        InvalidRequestError: ``steps`` is not between 1 and :data:`MAX_SCHEDULE_STEPS`, or a step number is
+            not finite.
     """
-    if steps < 1 or hires_steps is not None and hires_steps < 1:
-        raise InvalidRequestError("The number of steps must be at least 1.")
+    for count in (steps, hires_steps):
+        if count is not None and not 1 <= count <= MAX_SCHEDULE_STEPS:
+            raise InvalidRequestError(f"The number of steps must be between 1 and {MAX_SCHEDULE_STEPS:,}.")
     int_offset, float_offset = 0, 0.0
     if hires_steps is not None and not old_scheduling:
         int_offset, float_offset, steps = steps, 1.0, hires_steps
@@ -359,7 +377,7 @@ def extract_networks(text: str) -> tuple[str, list[Network]]:
 def _network(tag: str, kind: str, items: list[str]) -> Network:
     if kind not in _NETWORK_TYPES:
         raise InvalidRequestError(
-            f"Unknown extra network type '{kind}'; use <lora:name:weight> or <hypernet:name:weight>."
+            f"Unknown extra network type '{echo(kind)}'; use <lora:name:weight> or <hypernet:name:weight>."
         )
     positional: list[str] = []
     named: dict[str, str] = {}
@@ -370,7 +388,9 @@ def _network(tag: str, kind: str, items: list[str]) -> Network:
         else:
             positional.append(item)
     if not positional or not positional[0]:
-        raise InvalidRequestError(f"The extra network tag '{tag}' has no name; write it as <lora:name:0.8>.")
+        raise InvalidRequestError(
+            f"The extra network tag '{echo(tag)}' has no name; write it as <lora:name:0.8>."
+        )
     weight = _network_weight(tag, positional[1]) if len(positional) > 1 else 1.0
     if _NETWORK_TYPES[kind] == "hypernet":
         return Network("hypernet", positional[0], weight, weight, weight)
@@ -386,5 +406,7 @@ def _network_weight(tag: str, value: str) -> float:
     except ValueError:
         weight = math.nan
     if not math.isfinite(weight):
-        raise InvalidRequestError(f"The weight '{value}' in '{tag}' is not a number; write one like 0.8.")
+        raise InvalidRequestError(
+            f"The weight '{echo(value)}' in '{echo(tag)}' is not a number; write one like 0.8."
+        )
     return weight
