@@ -12,6 +12,7 @@ import secrets
 import discord
 from discord import app_commands
 
+from storage.db import DATABASE_BUSY, is_locked
 from storage.errors import BotError, InvalidRequestError
 
 __all__ = [
@@ -45,6 +46,8 @@ def error_text(exc: BaseException) -> str:
         exc = exc.original
     if isinstance(exc, BotError):
         return str(exc)
+    if is_locked(exc):  # a write the code did not expect to wait on: still not the user's fault
+        return DATABASE_BUSY
     if isinstance(exc, app_commands.CheckFailure):
         return "You are not allowed to use this command here."
     ref = secrets.token_hex(3)

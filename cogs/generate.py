@@ -132,11 +132,16 @@ class Generate(commands.Cog):
             await refuse(interaction, str(exc))
             return
         spoiler = not age_restricted and policy.nsfw == "spoiler" and policy.is_nsfw(spec)
-        message = await interaction.followup.send(
-            queued_text(submitted.job_id, submitted.position, submitted.eta_s),
-            view=progress_view(submitted.job_id),
-            wait=True,
-        )
+        message: discord.WebhookMessage | None
+        try:
+            message = await interaction.followup.send(
+                queued_text(submitted.job_id, submitted.position, submitted.eta_s),
+                view=progress_view(submitted.job_id),
+                wait=True,
+            )
+        except discord.HTTPException as exc:  # the job is queued: its outcome will go to the channel
+            log.info("could not post job %d's message: %s", submitted.job_id, exc)
+            message = None
         task = asyncio.create_task(
             follow_job(self.engine, interaction, message, submitted.job_id, notes, spoiler=spoiler)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from typing import TYPE_CHECKING, Any
@@ -217,7 +218,7 @@ class History(commands.Cog):
             steps: Sampling steps (for prompt editing).
         """
         try:
-            report = explain_text(text, steps)
+            report = await asyncio.to_thread(explain_text, text, steps)  # long prompts take ~1 s
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         await answer(interaction, report[:2000])

@@ -460,3 +460,17 @@ async def test_disk_full_upload(served: Served, monkeypatch: pytest.MonkeyPatch)
     added = await upload_lora(served.double, served.alice, served.guild, data)
     await added.settled(quiet=0.3, timeout=30)
     assert await count_rows(engine, Asset) == 1
+
+
+def test_an_unexpected_locked_database_still_gets_the_busy_sentence() -> None:
+    """A write that was not wrapped in a retry, hitting a long lock, tells the user to retry, not 'broke'."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from cogs.common import error_text
+    from storage.db import DATABASE_BUSY
+
+    locked = OperationalError("UPDATE jobs ...", {}, sqlite3.OperationalError("database is locked"))
+    assert error_text(locked) == DATABASE_BUSY
+    assert error_text(RuntimeError("database is locked")).startswith("Something broke on our side (ref ")
