@@ -7,6 +7,7 @@ Discord's default permissions can be changed by a server's owner, so they are no
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -15,7 +16,9 @@ from discord.ext import commands
 
 from cogs.common import SIZE_PRESETS, answer
 from pipelines.guild_policy import NSFW_POLICIES, UPLOAD_POLICIES, GuildPolicy, parse_banned
-from pipelines.samplers import SAMPLERS
+from pipelines.jobs import Limits
+from pipelines.prompts import echo
+from pipelines.samplers import SAMPLERS, check_sampler
 from storage import jobs as job_rows
 from storage.errors import InvalidRequestError
 from storage.tables import JobStatus
@@ -32,7 +35,14 @@ from storage.users import (
 if TYPE_CHECKING:
     from pipelines.engine import Engine
 
-__all__ = ["PREFERENCE_KEYS", "Admin", "guild_policy", "user_preferences"]
+__all__ = [
+    "PREFERENCE_KEYS",
+    "Admin",
+    "checked_limits",
+    "checked_preferences",
+    "guild_policy",
+    "user_preferences",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,72 @@ async def user_preferences(engine: Engine, user_id: int) -> dict[str, Any]:
     """A user's own defaults for /imagine (empty when they set none)."""
     async with engine.db.sessions() as session:
         return {k: v for k, v in (await get_user_settings(session, user_id)).items() if k in PREFERENCE_KEYS}
+
+
+def _whole(name: str, value: object, low: int, high: int) -> int:
+    """``value`` if it is a whole number in ``low..high`` (a modified client may send anything)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be a whole number between {low} and {high}.")
+    if not low <= value <= high:
+        raise InvalidRequestError(f"{name} must be between {low} and {high}, not {value}.")
+    return value
+
+
+def _number(name: str, value: object, low: float, high: float) -> float:
+    """``value`` as a float if it is a number in ``low..high`` (NaN and infinities are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise InvalidRequestError(f"{name} must be a number between {low:g} and {high:g}.")
+    return float(value)
+
+
+def _choice(name: str, value: str, choices: Collection[str]) -> str:
+    if value not in choices:
+        raise InvalidRequestError(
+            f"There is no {name} called {echo(str(value))!r}; use one of {', '.join(choices)}."
+        )
+    return value
+
+
+def _text(name: str, value: str, most: int) -> str:
+    if len(value) > most:
+        raise InvalidRequestError(f"{name} is {len(value):,} characters long; keep it under {most:,}.")
+    if "\x00" in value:
+        raise InvalidRequestError(f"{name} contains a NUL character; remove it and try again.")
+    return value
+
+
+def checked_preferences(values: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """The /preferences values that are set, checked as /imagine checks them (one sentence otherwise)."""
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key == "steps":
+            value = _whole("The default steps", value, 1, limits.max_steps)
+        elif key == "cfg":
+            value = _number("The default CFG scale", value, 0.0, limits.max_cfg)
+        elif key == "size":
+            value = _choice("size", value, SIZE_PRESETS)
+        elif key == "sampler":
+            value = check_sampler(value)
+        elif key == "negative":
+            value = _text("The default negative prompt", value, 1000)
+        checked[key] = value
+    return checked
+
+
+def checked_limits(values: dict[str, Any], limits: Limits) -> dict[str, int]:
+    """The /settings limits that are set, each within the bot's own (one sentence otherwise)."""
+    bounds = {
+        "max_steps": (1, limits.max_steps),
+        "max_size": (limits.min_size, limits.max_size),
+        "max_count": (1, limits.max_batch),
+    }
+    return {
+        key: _whole(f"The {key} limit", value, *bounds[key])
+        for key, value in values.items()
+        if value is not None
+    }
 
 
 def _require_admin(interaction: discord.Interaction) -> int:
@@ -181,13 +257,14 @@ class Admin(commands.Cog):
         if banned_words is not None:
             changes["banned_words"] = [] if banned_words == "-" else list(parse_banned(banned_words))
         if forced_negative is not None:
-            changes["forced_negative"] = "" if forced_negative == "-" else forced_negative[:1000]
+            negative = "" if forced_negative == "-" else forced_negative[:1000]
+            changes["forced_negative"] = _text("The forced negative prompt", negative, 1000)
         if nsfw is not None:
-            changes["nsfw"] = nsfw
+            changes["nsfw"] = _choice("NSFW policy", nsfw, NSFW_POLICIES)
         if uploads is not None:
-            changes["uploads"] = uploads
+            changes["uploads"] = _choice("upload policy", uploads, UPLOAD_POLICIES)
         limits = {"max_steps": max_steps, "max_size": max_size, "max_count": max_count}
-        changes.update({key: value for key, value in limits.items() if value is not None})
+        changes.update(checked_limits(limits, self.engine.limits))
         if nsfw_words is not None:
             changes["nsfw_words"] = None if nsfw_words == "-" else list(parse_banned(nsfw_words))
         async with self.engine.db.sessions.begin() as session:
@@ -289,7 +366,7 @@ class Admin(commands.Cog):
             if model is not None:
                 changes["model"] = self.engine.registry.require(model).name
             values = {"size": size, "negative": negative, "steps": steps, "cfg": cfg, "sampler": sampler}
-            changes.update({key: value for key, value in values.items() if value is not None})
+            changes.update(checked_preferences(values, self.engine.limits))
         async with self.engine.db.sessions.begin() as session:
             await ensure_user(session, interaction.user.id)
             await update_user_settings(session, interaction.user.id, changes)
