@@ -32,7 +32,7 @@ from storage.assets import (
     set_visibility,
     usable_names,
 )
-from storage.errors import InvalidRequestError, NotFoundError
+from storage.errors import InvalidRequestError, NotFoundError, echo
 from storage.files import STORAGE_FULL, StorageFullError
 from storage.tables import AssetKind, Visibility
 
@@ -268,7 +268,9 @@ class AssetGroup(app_commands.Group):
             )
         row = next((r for r in rows if r.name.lower() == name.strip().lower()), None)
         if row is None:
-            raise NotFoundError(f"There is no {self.kind.label} called {name.strip()} that you can use here.")
+            raise NotFoundError(
+                f"There is no {self.kind.label} called {echo(name.strip())} that you can use here."
+            )
         await answer(
             interaction,
             f"`{row.name}`: {self.kind.with_article}, {row.format} format, "

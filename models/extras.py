@@ -18,7 +18,7 @@ from pathlib import Path
 
 from models.families import Family
 from models.registry import SHAPES_MODEL
-from storage.errors import NotFoundError
+from storage.errors import NotFoundError, echo
 
 __all__ = [
     "ExtraEntry",
@@ -205,7 +205,7 @@ class ExtraRegistry:
             entry = self.get_controlnet(name)
             if entry is None:
                 known = ", ".join(e.name for e in self.list(ExtraKind.controlnet)) or "none"
-                raise NotFoundError(f"There is no ControlNet called {name!r}; available: {known}.")
+                raise NotFoundError(f"There is no ControlNet called {echo(name)!r}; available: {known}.")
             if entry.family is not None and entry.family != family:
                 raise IncompatibleAssetError(
                     f"The ControlNet {entry.name!r} is for {entry.family.value}, but the model is "
@@ -240,7 +240,7 @@ class ExtraRegistry:
         entry = self.get_upscaler(name)
         if entry is None:
             known = ", ".join(e.name for e in self.list(ExtraKind.upscaler))
-            raise NotFoundError(f"There is no upscaler called {name!r}; available: {known}.")
+            raise NotFoundError(f"There is no upscaler called {echo(name)!r}; available: {known}.")
         return entry
 
     def ensure_built(self, entry: ExtraEntry) -> Path:

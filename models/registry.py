@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from models.families import Family, detect_family_from_folder
-from storage.errors import NotFoundError
+from storage.errors import NotFoundError, echo
 
 __all__ = [
     "A1111_DIRS",
@@ -210,7 +210,8 @@ class ModelRegistry:
         entry = self.get(name)
         if entry is None:
             known = ", ".join(e.name for e in self.list())
-            raise NotFoundError(f"There is no model called {name!r}; available models: {known}.")
+            shown = echo(name or self.default_name)
+            raise NotFoundError(f"There is no model called {shown!r}; available models: {known}.")
         if entry.kind == SourceKind.hub and offline():
             raise NotFoundError(
                 f"The model {entry.name!r} is a Hugging Face hub id, but this bot runs offline; "

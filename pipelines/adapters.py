@@ -25,7 +25,7 @@ from models.families import Family, family_info
 from pipelines.jobs import AdapterRef, JobKind, JobSpec, Limits
 from pipelines.prompts import Network, extract_networks
 from storage.assets import find_usable_asset, list_usable_assets
-from storage.errors import IncompatibleAssetError, InvalidRequestError, NotFoundError
+from storage.errors import IncompatibleAssetError, InvalidRequestError, NotFoundError, echo
 from storage.tables import Asset, AssetKind
 
 __all__ = ["resolve_adapters", "strip_networks"]
@@ -89,7 +89,7 @@ async def _require(
     if asset is None:
         label = KIND_LABELS[kind]
         raise NotFoundError(
-            f"There is no {label} called {name} that you can use here; "
+            f"There is no {label} called {echo(name)} that you can use here; "
             f"check the name with {_COMMANDS[kind]} list or upload it."
         )
     _check_family(asset, target)

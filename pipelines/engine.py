@@ -51,7 +51,7 @@ from pipelines.settings import Settings, build_extras, build_registry
 from pipelines.worker import Worker, WorkerOptions
 from storage import jobs as job_rows
 from storage.db import Database, retry_locked
-from storage.errors import GenerationError, InvalidRequestError, NotFoundError
+from storage.errors import GenerationError, InvalidRequestError, NotFoundError, echo
 from storage.files import FileStore
 from storage.tables import JobStatus
 
@@ -248,7 +248,8 @@ class Engine:
                 return known
         if latent_ok and name.strip().lower().startswith("latent"):
             raise InvalidRequestError(
-                f"There is no latent upscaler called {name!r}; use one of {', '.join(LATENT_UPSCALERS)}."
+                f"There is no latent upscaler called {echo(name)!r}; "
+                f"use one of {', '.join(LATENT_UPSCALERS)}."
             )
         return self.extras.require_upscaler(name).name
 

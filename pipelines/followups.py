@@ -7,6 +7,7 @@ button: its adapters are resolved again for that user, so a private LoRA of some
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any, TypedDict, Unpack
 
@@ -36,6 +37,8 @@ class Who(TypedDict):
 
 #: Denoising strength of a subtle and a strong variation (img2img of the chosen image).
 STRENGTHS = {"subtle": 0.35, "strong": 0.65}
+#: The webui's "Size: 512x768", ASCII digits only (`str.isdigit` takes "²"; 5,000 digits fail `int()`).
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})", re.ASCII)
 
 
 def for_user(spec: JobSpec, user_id: int | None, guild_id: int | None, channel_id: int | None) -> JobSpec:
@@ -149,7 +152,7 @@ def spec_from_parameters(
             continue
     if parameters.get("Sampler") in SAMPLERS:
         values["sampler"] = parameters["Sampler"]
-    width, _, height = parameters.get("Size", "").partition("x")
-    if width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0:
-        values["width"], values["height"] = int(width), int(height)
+    size = _SIZE.fullmatch(parameters.get("Size", ""))
+    if size and int(size[1]) % 8 == 0 and int(size[2]) % 8 == 0:
+        values["width"], values["height"] = int(size[1]), int(size[2])
     return JobSpec(prompt=prompt, negative_prompt=negative, **values, **who)

@@ -31,7 +31,7 @@ from pipelines.modes import RunContext, RunOutput, StepHook
 from pipelines.samplers import make_scheduler
 from pipelines.text_to_image import generators_for, to_pil
 from pipelines.upscale import upscale_image
-from storage.errors import InvalidRequestError
+from storage.errors import InvalidRequestError, echo
 
 __all__ = [
     "LATENT_UPSCALERS",
@@ -82,7 +82,9 @@ def latent_mode(name: str) -> tuple[str, bool] | None:
     canonical = _LATENT_BY_LOWER.get(name.lower())
     if canonical is None:
         known = ", ".join(LATENT_UPSCALERS)
-        raise InvalidRequestError(f"There is no hires upscaler called {name!r}; the latent ones are {known}.")
+        raise InvalidRequestError(
+            f"There is no hires upscaler called {echo(name)!r}; the latent ones are {known}."
+        )
     return LATENT_UPSCALERS[canonical]
 
 

@@ -8,9 +8,8 @@ from enum import StrEnum
 from typing import Any
 
 from pipelines.prompt_chunks import check_prompt
-from pipelines.prompts import echo
 from pipelines.samplers import DEFAULT_SAMPLER, check_sampler
-from storage.errors import InvalidRequestError
+from storage.errors import InvalidRequestError, echo
 
 __all__ = [
     "CONTROL_TYPES",
@@ -180,7 +179,7 @@ class JobSpec:
             except ValueError:
                 kinds = ", ".join(k.value for k in JobKind)
                 raise InvalidRequestError(
-                    f"There is no mode called {values['kind']!r}; use one of {kinds}."
+                    f"There is no mode called {echo(str(values['kind']))!r}; use one of {kinds}."
                 ) from None
         if "controls" in values:
             values["controls"] = tuple(

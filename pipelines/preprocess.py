@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipelines.images import load_image
 from pipelines.jobs import CONTROL_TYPES
-from storage.errors import InvalidRequestError, NotFoundError
+from storage.errors import InvalidRequestError, NotFoundError, echo
 
 __all__ = ["CONTROL_TYPES", "canny_map", "preprocess", "preprocess_file", "scribble_map"]
 
@@ -100,7 +100,7 @@ def preprocess(kind: str, image: Image.Image, *, low: int = 100, high: int = 200
     convert = _SIMPLE.get(kind)
     if convert is None:
         raise InvalidRequestError(
-            f"There is no control type called {kind!r}; use one of {', '.join(CONTROL_TYPES)}."
+            f"There is no control type called {echo(kind)!r}; use one of {', '.join(CONTROL_TYPES)}."
         )
     return convert(image)
 
@@ -115,7 +115,9 @@ def preprocess_file(kind: str, src: Path, out: Path, low: int = 100, high: int =
     try:
         data = src.read_bytes()
     except FileNotFoundError:
-        raise NotFoundError(f"There is no file called {src.name!r}; check the name and try again.") from None
+        raise NotFoundError(
+            f"There is no file called {echo(src.name)!r}; check the name and try again."
+        ) from None
     except IsADirectoryError:
         raise InvalidRequestError(f"{src.name!r} is a folder, not an image; name an image file.") from None
     image = load_image(data).image

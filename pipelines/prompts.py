@@ -14,13 +14,12 @@ import itertools
 import logging
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from storage.errors import InvalidRequestError
+from storage.errors import InvalidRequestError, echo
 
 __all__ = [
     "MAX_SCHEDULE_STEPS",
@@ -47,14 +46,6 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _STEP = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*")
 _NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _NETWORK_TYPES = {"lora": "lora", "lyco": "lora", "hypernet": "hypernet"}
-
-
-def echo(text: str, limit: int = 40) -> str:
-    """User text to quote in a sentence: one line, invisible and direction-changing characters shown as
-    "\ufffd", at most ``limit`` characters."""
-    shown = "".join(c if c.isspace() or unicodedata.category(c)[0] != "C" else "\ufffd" for c in text)
-    flat = " ".join(shown.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:

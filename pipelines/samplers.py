@@ -25,7 +25,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from storage.errors import InvalidRequestError
+from storage.errors import InvalidRequestError, echo
 
 __all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "Sampler", "check_sampler", "make_scheduler"]
 
@@ -75,7 +75,7 @@ def check_sampler(name: str) -> str:
     canonical = _BY_LOWER.get(name.strip().lower())
     if canonical is None:
         known = ", ".join(SAMPLERS)
-        raise InvalidRequestError(f"There is no sampler called {name!r}; pick one of: {known}.")
+        raise InvalidRequestError(f"There is no sampler called {echo(name)!r}; pick one of: {known}.")
     return canonical
 
 

@@ -22,7 +22,7 @@ from sqlalchemy import and_, case, delete, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from storage.errors import InvalidRequestError, NotFoundError
+from storage.errors import InvalidRequestError, NotFoundError, echo
 from storage.tables import Asset, AssetKind, Visibility
 from storage.users import ensure_user
 
@@ -197,7 +197,7 @@ async def _own(session: AsyncSession, owner_id: int, kind: AssetKind, name: str)
     )
     if row is None:
         raise NotFoundError(
-            f"You have no {kind.label} called {name.strip()}; see the list of your {kind.label}s."
+            f"You have no {kind.label} called {echo(name.strip())}; see the list of your {kind.label}s."
         )
     return row
 

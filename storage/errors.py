@@ -6,6 +6,8 @@ what is wrong and what to do next. Any other exception is a bug.
 
 from __future__ import annotations
 
+import unicodedata
+
 __all__ = [
     "BotError",
     "GenerationError",
@@ -14,6 +16,7 @@ __all__ = [
     "NotFoundError",
     "QueueFullError",
     "QuotaExceededError",
+    "echo",
 ]
 
 
@@ -43,3 +46,15 @@ class QuotaExceededError(BotError):
 
 class GenerationError(BotError):
     """Generation failed in a way the user can act on (out of memory, cancelled, blocked)."""
+
+
+def echo(text: str, limit: int = 40) -> str:
+    """User text to quote in a sentence: one line, invisible and direction-changing characters shown as
+    "\ufffd", at most ``limit`` characters.
+
+    Every refusal that repeats a user-given name or value goes through this: a newline would split the
+    sentence and a 3,000-character name would outgrow a Discord message, so the user would see nothing.
+    """
+    shown = "".join(c if c.isspace() or unicodedata.category(c)[0] != "C" else "\ufffd" for c in text)
+    flat = " ".join(shown.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import mimetypes
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
@@ -297,10 +298,14 @@ class StoredFile:
         if self.ephemeral:
             data["ephemeral"] = True
         if self.content_type.startswith("image/"):
+            # Discord reports the size of any image it can read, a decompression bomb too: Pillow's bomb
+            # guard (a warning, an error past twice the limit) is the bot's business, not the probe's.
             try:
-                with Image.open(BytesIO(self.data)) as image:
-                    data["width"], data["height"] = image.size
-            except (UnidentifiedImageError, OSError):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(BytesIO(self.data)) as image:
+                        data["width"], data["height"] = image.size
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
                 pass
         return data
 

@@ -231,19 +231,9 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def attach(double: DiscordDouble, name: str, data: bytes, content_type: str) -> dict[str, Any]:
-    """The attachment a person uploads (``add_attachment``; it reads an image's size for the payload)."""
-    try:
-        return double.add_attachment(name, data, content_type)
-    except Image.DecompressionBombError:  # the double's size probe refuses a bomb: the payload without it
-        stored = double.store_file(name, data, content_type=content_type)
-        return {"id": str(stored.id), "filename": name, "size": len(data), "url": stored.url,
-                "proxy_url": stored.url, "content_type": content_type}  # fmt: skip
-
-
 async def send(w: World, case: Case) -> InteractionRecord:
     attachments = {
-        option: attach(w.double, name, data, content_type)
+        option: w.double.add_attachment(name, data, content_type)
         for option, (name, data, content_type) in case.files.items()
     }
     options = {} if case.command == "erase" else {"prompt": "a red circle", "seed": 1, **case.options}

@@ -183,15 +183,7 @@ async def test_the_bot_refuses_bad_prompts_past_discords_checks_and_still_serves
     double.assert_clean()
 
 
-NAMES_QUOTED_WHOLE = (
-    "pipelines/adapters.py (_require), pipelines/samplers.py (check_sampler) and models/registry.py quote "
-    "the name whole: a newline splits the sentence, 3,000 characters outgrow a Discord message (2,000), "
-    "so the user sees nothing; pipelines.prompts.echo() cuts and flattens"
-)
-
-
 @pytest.mark.asyncio(loop_scope="module")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=NAMES_QUOTED_WHOLE)
 @pytest.mark.parametrize(
     ("prompt", "options"),
     [

@@ -345,12 +345,6 @@ def test_an_inpaint_upload_pair_raises_only_sentences(image: bytes, mask: bytes)
             assert stored_mask.size == stored_init.size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="pipelines/followups.py spec_from_parameters: int() of any str.isdigit() size ('²', 5,000 digits) "
-    "raises ValueError, so /pnginfo answers 'Something broke'",
-)
 @pytest.mark.parametrize("size", ["9" * 5000 + "x8", "²x8"], ids=["5000-digit-size", "superscript-size"])
 def test_pnginfo_remix_takes_any_size_text(size: str) -> None:
     """Found by the JPEG EXIF fuzz: an image's own Size text reaches ``int()``."""
