@@ -4,11 +4,13 @@ with a real engine on the tiny and shapes models."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import discord
 import pytest
 from discord.ext import commands
 
@@ -20,7 +22,7 @@ from tests.discord_double.fixtures import double
 from tests.discord_double.models import StoredMessage
 from tests.discord_double.records import InteractionRecord
 
-__all__ = ["double"]
+__all__ = ["double", "scratch"]
 
 
 #: A real kohya LoRA for the shapes model, trained here (models/shapes/loras/).
@@ -93,6 +95,34 @@ async def bot(running_bot: Callable[[Engine], Any], engine: Engine) -> AsyncIter
         yield started
 
 
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def serving(
+    settings: Settings, populate: Callable[[DiscordDouble], T]
+) -> AsyncIterator[tuple[DiscordDouble, Engine, commands.Bot, T]]:
+    """A double peopled by ``populate``, an engine on ``settings`` and the bot, commands synced; for fixtures
+    that share one bot across a module. Yields what ``populate`` returned; the double must end clean."""
+    async with DiscordDouble() as double:
+        with double.install(discord):
+            made = populate(double)
+            async with Engine(settings, recover=True) as engine:
+                async with double.run_bot(build_bot(engine, guild_ready_timeout=0.05)) as bot:
+                    await bot.tree.sync()
+                    yield double, engine, bot, made
+                    double.assert_clean()
+
+
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The process's temp folder, empty, so a test can see an upload's scratch files are removed."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
 async def settled_message(
     record: InteractionRecord, done: Callable[[StoredMessage], bool], timeout: float = 60
 ) -> StoredMessage:
@@ -126,4 +156,4 @@ async def wait_job_message(
     return await settled_message(record, finished, timeout)
 
 
-__all__ += ["PURPLE_LORA", "settled_message", "upload_lora", "wait_job_message"]
+__all__ += ["PURPLE_LORA", "serving", "settled_message", "upload_lora", "wait_job_message"]

@@ -13,7 +13,6 @@ import io
 import pickle
 import socket
 import struct
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -91,14 +90,6 @@ def _code_payload(marker: Path, *, torch_zip: bool) -> bytes:
     torch.save({"state_dict": _RunsCode(marker)}, buffer)
     return buffer.getvalue()
 
-
-@pytest.fixture
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Temporary files of this test go here (so we can see the upload scratch folder is removed)."""
-    folder = tmp_path / "scratch"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 @pytest.fixture

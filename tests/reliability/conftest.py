@@ -12,7 +12,10 @@ from tests.cogs.conftest import (
     engine,
     guild,
     running_bot,
+    scratch,
     settings,
 )
 
-__all__ = ["admin", "alice", "bob", "bot", "double", "engine", "guild", "running_bot", "settings"]
+__all__ = [
+    "admin", "alice", "bob", "bot", "double", "engine", "guild", "running_bot", "scratch", "settings",
+]  # fmt: skip

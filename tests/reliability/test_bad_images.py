@@ -8,25 +8,22 @@ import asyncio
 import io
 import re
 import struct
-import tempfile
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import discord
 import numpy as np
 import pytest
 import pytest_asyncio
 from PIL import Image
 
-from bot import build_bot
 from pipelines.engine import Engine
 from pipelines.settings import Settings
 from storage import jobs as job_rows
 from storage.tables import Job
-from tests.cogs.conftest import settled_message, wait_job_message
+from tests.cogs.conftest import serving, settled_message, wait_job_message
 from tests.cogs.replies import count_rows, shown
 from tests.discord_double import DiscordDouble, Guild, InteractionRecord, StoredMessage, User
 
@@ -206,29 +203,19 @@ class World:
 async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> AsyncIterator[World]:
     data_dir = tmp_path_factory.mktemp("bad-images") / "data"
     settings = Settings(data_dir=data_dir, builtin_models_dir=tiny_models, preview_every=2)
-    async with DiscordDouble() as double:
-        with double.install(discord):
-            guild = double.add_guild("Dream Guild", nsfw_channel=True)
-            alice = double.add_user("alice", guild)
-            async with Engine(settings, recover=True) as engine:
-                async with double.run_bot(build_bot(engine, guild_ready_timeout=0.05)) as bot:
-                    await bot.tree.sync()
-                    yield World(double, engine, guild, alice, data_dir)
-                    double.assert_clean()
+
+    def people(double: DiscordDouble) -> tuple[Guild, User]:
+        guild = double.add_guild("Dream Guild", nsfw_channel=True)
+        return guild, double.add_user("alice", guild)
+
+    async with serving(settings, people) as (double, engine, _, (guild, alice)):
+        yield World(double, engine, guild, alice, data_dir)
 
 
 def stored_files(data_dir: Path) -> set[Path]:
     """Every file the bot keeps besides its database: the content store and its temp folder."""
     return {p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith("dreamcord.db")}
 
-
-@pytest.fixture
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The process's temp folder, empty: a refused upload must not leave anything there."""
-    folder = tmp_path / "scratch"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 async def send(w: World, case: Case) -> InteractionRecord:

@@ -16,19 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import discord
 import pytest
 import pytest_asyncio
 from PIL import Image
 from sqlalchemy import select
 
-from bot import build_bot
 from pipelines.engine import Engine
 from pipelines.samplers import SAMPLERS
 from pipelines.settings import Settings
 from storage.tables import Guild as GuildRow
 from storage.tables import Job, User
-from tests.cogs.conftest import settled_message, wait_job_message
+from tests.cogs.conftest import serving, settled_message, wait_job_message
 from tests.cogs.replies import count_rows, shown
 from tests.discord_double import DiscordDouble, Guild, InteractionRecord
 from tests.discord_double import dispatch as client_checks
@@ -162,15 +160,12 @@ class World:
 async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> AsyncIterator[World]:
     data_dir = tmp_path_factory.mktemp("bad-parameters") / "data"
     settings = Settings(data_dir=data_dir, builtin_models_dir=tiny_models, preview_every=2)
-    async with DiscordDouble() as double:
-        with double.install(discord):
-            guild = double.add_guild("Dream Guild", nsfw_channel=True)
-            sandbox = double.add_guild("Sandbox")
-            async with Engine(settings, recover=True) as engine:
-                async with double.run_bot(build_bot(engine, guild_ready_timeout=0.05)) as bot:
-                    await bot.tree.sync()
-                    yield World(double, engine, guild, sandbox, data_dir)
-                    double.assert_clean()
+
+    def places(double: DiscordDouble) -> tuple[Guild, Guild]:
+        return double.add_guild("Dream Guild", nsfw_channel=True), double.add_guild("Sandbox")
+
+    async with serving(settings, places) as (double, engine, _, (guild, sandbox)):
+        yield World(double, engine, guild, sandbox, data_dir)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import math
 import pickle
 import re
 import struct
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -306,14 +305,6 @@ async def _upload(
 def _fetched(double: DiscordDouble, attachment: dict[str, Any]) -> bool:
     return ("GET", attachment["url"].removeprefix(double.url)) in double.requests
 
-
-@pytest.fixture
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The upload's scratch folders go here, so we can see none is left behind."""
-    folder = tmp_path / "scratch"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 # ---- the tests --------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,12 +33,11 @@ from PIL import Image
 from safetensors.torch import save as save_safetensors
 from sqlalchemy import select
 
-from bot import build_bot
 from pipelines.engine import Engine
 from pipelines.settings import Settings
 from storage.tables import Asset, Job, JobStatus
 from storage.users import get_guild_settings
-from tests.cogs.conftest import PURPLE_LORA, settled_message, upload_lora, wait_job_message
+from tests.cogs.conftest import PURPLE_LORA, serving, settled_message, upload_lora, wait_job_message
 from tests.cogs.replies import answer, count_rows, sentence, shown, slash
 from tests.discord_double import DiscordDouble, Guild, InteractionRecord, StoredMessage, User
 from tests.discord_double import dispatch as double_dispatch
@@ -94,26 +92,24 @@ async def _setup_alice(double: DiscordDouble, guild: Guild, alice: User) -> tupl
 async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> AsyncIterator[World]:
     data_dir = tmp_path_factory.mktemp("security") / "data"
     settings = Settings(data_dir=data_dir, builtin_models_dir=tiny_models, preview_every=0)
-    async with DiscordDouble() as double:
-        with double.install(discord):
-            guild = double.add_guild("Dream Guild", nsfw_channel=True)
-            elsewhere = double.add_guild("Elsewhere")
-            alice, bob = double.add_user("alice", guild), double.add_user("bob", guild)
-            admin = double.add_user("admin", guild, permissions=["manage_guild"])
-            carol = double.add_user("carol", elsewhere, permissions=["manage_guild"])
-            double.add_member(guild, carol)
-            double.add_member(elsewhere, alice)
-            double.add_member(elsewhere, bob)
-            async with Engine(settings, recover=True) as engine:
-                bot = build_bot(engine, guild_ready_timeout=0.05)
-                async with double.run_bot(bot) as started:
-                    await started.tree.sync()
-                    job_id, message = await _setup_alice(double, guild, alice)
-                    yield World(
-                        double, engine, started, guild, elsewhere, alice, bob, admin, carol, job_id, message,
-                        data_dir,
-                    )  # fmt: skip
-                    double.assert_clean()
+
+    def people(double: DiscordDouble) -> tuple[Guild, Guild, User, User, User, User]:
+        guild = double.add_guild("Dream Guild", nsfw_channel=True)
+        elsewhere = double.add_guild("Elsewhere")
+        alice, bob = double.add_user("alice", guild), double.add_user("bob", guild)
+        admin = double.add_user("admin", guild, permissions=["manage_guild"])
+        carol = double.add_user("carol", elsewhere, permissions=["manage_guild"])
+        double.add_member(guild, carol)
+        double.add_member(elsewhere, alice)
+        double.add_member(elsewhere, bob)
+        return guild, elsewhere, alice, bob, admin, carol
+
+    async with serving(settings, people) as (double, engine, started, made):
+        guild, elsewhere, alice, bob, admin, carol = made
+        job_id, message = await _setup_alice(double, guild, alice)
+        yield World(
+            double, engine, started, guild, elsewhere, alice, bob, admin, carol, job_id, message, data_dir
+        )
 
 
 async def _jobs(world: World) -> int:
@@ -615,12 +611,8 @@ def _tree(root: Path) -> set[Path]:
     ids=["upload-name-dotdot", "upload-name-backslash", "upload-name-absolute", "upload-name-rtl"],
 )
 async def test_upload_file_names_never_reach_the_filesystem(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filename: str
+    world: World, scratch: Path, filename: str
 ) -> None:
-    system_temp = Path(tempfile.gettempdir())
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     data = PURPLE_LORA.read_bytes().replace(b'"purple', b'"Purple', 1)  # other bytes than alice's copy
     assert data != PURPLE_LORA.read_bytes()
     root = world.data_dir.parent
@@ -652,7 +644,6 @@ async def test_upload_file_names_never_reach_the_filesystem(
         root,
         root.parent,
         scratch.parent,
-        system_temp,
     }:
         assert not any("evil" in p.name for p in folder.iterdir()), folder
     deleted = await slash(world.double, erin, world.guild, "lora", "delete", name=text.split()[1].rstrip(":"))
