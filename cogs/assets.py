@@ -289,6 +289,10 @@ class AssetGroup(app_commands.Group):
             name: Its name.
             with_: Who may use it.
         """
+        if with_ == Visibility.GUILD.value and interaction.guild_id is None:
+            raise InvalidRequestError(
+                "Share it from a channel of the server you want to share it with; a DM has no server."
+            )
         async with self.engine.db.sessions.begin() as session:
             row = await set_visibility(
                 session,

@@ -242,15 +242,18 @@ async def set_visibility(
 ) -> Asset:
     """Share or unshare the owner's asset (private, guild or public).
 
-    Sharing with a guild shares with ``guild_id`` (where the owner asked), not where the file was uploaded.
+    Sharing with a guild shares with ``guild_id`` when given (the server where the owner asked, from
+    Discord), else with the server the file was uploaded in.
     """
     row = await _own(session, owner_id, kind, name)
     if visibility == Visibility.GUILD:
-        if guild_id is None:
+        if guild_id is not None:
+            row.guild_id = guild_id
+        elif row.guild_id is None:
             raise InvalidRequestError(
-                "Share it from a channel of the server you want to share it with; a DM has no server."
+                "This asset was not uploaded in a server, so it cannot be shared with one; "
+                "share it from a channel of that server."
             )
-        row.guild_id = guild_id
     row.visibility = visibility
     await session.flush()
     return row
