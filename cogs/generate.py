@@ -88,6 +88,9 @@ def _who(interaction: discord.Interaction) -> followups.Who:
     }
 
 
+ACK_WITHIN_S = 2.0  # work that may take longer is acknowledged first (Discord allows 3 s)
+
+
 async def _defer(interaction: discord.Interaction) -> None:
     if not interaction.response.is_done():
         await interaction.response.defer(thinking=True)
@@ -214,9 +217,14 @@ class Generate(commands.Cog):
             embedding: One of your embeddings, added to the prompt (or write its name in the prompt).
             hypernet: One of your hypernetworks (or add <hypernet:name:1> to the prompt).
         """
-        mine = await user_preferences(self.engine, interaction.user.id)
-        model = model or mine.get("model")
-        w, h = self._size(model, size or mine.get("size"), width, height)
+        await _defer(interaction)  # acknowledge before the database: a burst of commands queues up there
+        try:
+            mine = await user_preferences(self.engine, interaction.user.id)
+            model = model or mine.get("model")
+            w, h = self._size(model, size or mine.get("size"), width, height)
+        except BotError as exc:
+            await refuse(interaction, str(exc))
+            return
         if lora:
             prompt = f"{prompt} <lora:{lora.strip()}:{lora_weight:g}>"
         if embedding:
@@ -461,10 +469,15 @@ class Generate(commands.Cog):
         await self._cancel(interaction, job)
 
     async def _cancel(self, interaction: discord.Interaction, job_id: int) -> None:
+        work = asyncio.ensure_future(
+            self.engine.cancel(job_id, interaction.user.id, admin_guilds=self._admin_of(interaction))
+        )
+        try:  # usually instant; a locked database can make it wait past Discord's 3 s, so acknowledge then
+            await asyncio.wait_for(asyncio.shield(work), ACK_WITHIN_S)
+        except TimeoutError:
+            await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            cancelled = await self.engine.cancel(
-                job_id, interaction.user.id, admin_guilds=self._admin_of(interaction)
-            )
+            cancelled = await work
         except BotError as exc:
             await answer(interaction, str(exc))
             return

@@ -335,6 +335,27 @@ async def test_db_locked_cancel(engine: Engine, locker: Locker) -> None:
     assert len((await engine.wait(submitted.job_id)).images) == 1
 
 
+async def test_db_locked_cancel_command(served: Served, locker: Locker) -> None:
+    """id db-locked-cancel-command: /cancel during a lock it must wait out past Discord's 3 s: acknowledged in
+    time, then the busy sentence; the job stays queued and runs."""
+    engine = served.engine
+    engine.queue.pause()
+    engine.queue.limits = replace(engine.queue.limits, busy_wait_s=3.0)  # the cancel waits ~4 s in all
+    alice, guild = served.alice.id, served.guild.id
+    submitted, _ = await engine.submit(
+        JobSpec(prompt="a red circle", steps=STEPS, seed=32, user_id=alice, guild_id=guild)
+    )
+    await asyncio.to_thread(locker.lock)
+    record = await slash(served.double, served.alice, served.guild, "cancel", job=submitted.job_id)
+    assert await sentence(record) == DATABASE_BUSY
+    await asyncio.to_thread(locker.release)
+    served.double.assert_clean()  # the first response came within Discord's 3 s
+    status = engine.status(submitted.job_id)
+    assert status is not None and status.status == JobStatus.QUEUED
+    engine.queue.resume()
+    assert len((await engine.wait(submitted.job_id)).images) == 1
+
+
 async def test_retry_locked_bounds() -> None:
     """Request paths give up after their bound with the sentence; result writes try until it works."""
     tries = 0
