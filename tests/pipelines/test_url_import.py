@@ -14,6 +14,7 @@ import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,10 +194,17 @@ class Server:
 
 @pytest.fixture
 async def server(certificate: tuple[Path, Path]) -> AsyncIterator[Server]:
+    async with serving_hub(FakeHub(asyncio.Event()), certificate) as started:
+        yield started
+
+
+@asynccontextmanager
+async def serving_hub(hub: FakeHub, certificate: tuple[Path, Path]) -> AsyncIterator[Server]:
+    """``hub``'s routes over HTTPS on 127.0.0.1 (a free port), recording every request's host, path and
+    Authorization header; no access log (tests check that links' secrets reach no log)."""
     cert, key = certificate
     server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ssl.load_cert_chain(cert, key)
-    hub = FakeHub(asyncio.Event())
 
     @web.middleware
     async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -205,7 +213,7 @@ async def server(certificate: tuple[Path, Path]) -> AsyncIterator[Server]:
 
     app = web.Application(middlewares=[record])
     hub.add_routes(app)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl).start()
     hub.port = runner.addresses[0][1]

@@ -45,6 +45,7 @@ from tests.pipelines.test_url_import import (
     local_resolver,
     refused,
     server,
+    serving_hub,
 )
 
 __all__ = ["certificate", "server"]  # fixtures of tests/pipelines/test_url_import.py, used here
@@ -94,27 +95,8 @@ class MoreHub(FakeHub):
 @pytest.fixture
 async def more_server(certificate: tuple[Path, Path]) -> AsyncIterator[Server]:
     """The test_url_import server, with MoreHub's routes too."""
-    import ssl
-
-    cert, key = certificate
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ssl.load_cert_chain(cert, key)
-    hub = MoreHub(asyncio.Event())
-
-    @web.middleware
-    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-        hub.seen.append((request.host, request.path, request.headers.get("Authorization")))
-        return await handler(request)  # type: ignore[no-any-return]
-
-    app = web.Application(middlewares=[record])
-    hub.add_routes(app)
-    runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)  # the site's log is not ours
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl).start()
-    hub.port = runner.addresses[0][1]
-    yield Server(hub, ssl.create_default_context(cafile=str(cert)))
-    hub.stop.set()
-    await runner.cleanup()
+    async with serving_hub(MoreHub(asyncio.Event()), certificate) as started:
+        yield started
 
 
 # ---- the importer ----------------------------------------------------------------------------------------
