@@ -1,9 +1,10 @@
 """What the end-to-end cog tests read back: the one answer an interaction ends with, one-sentence
-refusals, and row counts."""
+refusals, row counts and the files a bot keeps."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -13,7 +14,7 @@ from storage.tables import Asset, Job
 from tests.cogs.conftest import settled_message
 from tests.discord_double import DiscordDouble, Guild, InteractionRecord, StoredMessage, User
 
-__all__ = ["answer", "count_rows", "shown", "sentence", "slash"]
+__all__ = ["answer", "count_rows", "shown", "sentence", "slash", "stored_files"]
 
 
 async def count_rows(engine: Engine, table: type[Asset] | type[Job]) -> int:
@@ -57,3 +58,8 @@ async def slash(
 ) -> InteractionRecord:
     """``user`` runs ``/command sub`` with ``options`` in the guild's text channel."""
     return await double.slash(user, guild, None, command, subcommand=sub, options=options)
+
+
+def stored_files(data_dir: Path) -> set[Path]:
+    """Every file the bot keeps besides its database: the content store and its temp folder."""
+    return {p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith("dreamcord.db")}

@@ -24,7 +24,7 @@ from pipelines.settings import Settings
 from storage import jobs as job_rows
 from storage.tables import Job
 from tests.cogs.conftest import serving, settled_message, wait_job_message
-from tests.cogs.replies import count_rows, shown
+from tests.cogs.replies import count_rows, shown, stored_files
 from tests.discord_double import DiscordDouble, Guild, InteractionRecord, StoredMessage, User
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -211,10 +211,6 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> 
     async with serving(settings, people) as (double, engine, _, (guild, alice)):
         yield World(double, engine, guild, alice, data_dir)
 
-
-def stored_files(data_dir: Path) -> set[Path]:
-    """Every file the bot keeps besides its database: the content store and its temp folder."""
-    return {p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith("dreamcord.db")}
 
 
 

@@ -27,7 +27,7 @@ from pipelines.settings import Settings
 from storage.tables import Guild as GuildRow
 from storage.tables import Job, User
 from tests.cogs.conftest import serving, settled_message, wait_job_message
-from tests.cogs.replies import count_rows, shown
+from tests.cogs.replies import count_rows, shown, stored_files
 from tests.discord_double import DiscordDouble, Guild, InteractionRecord
 from tests.discord_double import dispatch as client_checks
 
@@ -173,9 +173,6 @@ def modified_client(monkeypatch: pytest.MonkeyPatch) -> None:
     """Discord's client enforces declared ranges, lengths and choices; a modified one sends anything."""
     monkeypatch.setattr(client_checks, "_check_value", lambda definition, value: None)
 
-
-def stored_files(data_dir: Path) -> set[Path]:
-    return {p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith("dreamcord.db")}
 
 
 async def saved_settings(engine: Engine) -> dict[tuple[str, int], dict[str, Any]]:

@@ -22,7 +22,7 @@ from pipelines.settings import Settings
 from storage.errors import BotError, InvalidRequestError, NotFoundError
 from storage.tables import Job
 from tests.cogs.conftest import wait_job_message
-from tests.cogs.replies import count_rows, sentence
+from tests.cogs.replies import count_rows, sentence, stored_files
 from tests.discord_double import DiscordDouble, Guild, User
 from tests.discord_double import dispatch as client_checks
 
@@ -105,9 +105,6 @@ ACCEPTED = [
     Case("alternation", "[red|blue|green] every step", "a [red|blue|green] circle"),
 ]  # fmt: skip
 
-
-def stored_files(data_dir: Path) -> set[Path]:
-    return {p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith("dreamcord.db")}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
